@@ -1,0 +1,124 @@
+"""CLIP as a classifier: a thin wrapper over open_clip.
+
+The classifier is CLIP's image tower followed by a linear head initialised as the zero-shot
+classifier (per class: encode every prompt template, normalise, average, renormalise, scale by
+``logit_scale``). The text tower stays attached, because the ``flyp`` loss term contrasts image
+features with the features of each image's class caption.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoft import UserError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers the tiny architectures (autoft-tiny)
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def load_clip(name: str, pretrained: str | None = None):
+    """Create an open_clip model; return (model, train_transform, eval_transform, tokenizer).
+
+    ``pretrained`` is an open_clip tag (e.g. ``openai``), a local checkpoint path, or None for
+    random weights. Offline failures become one clear :class:`UserError`.
+    """
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown model '{name}'; see open_clip.list_models() (tiny: autoft-tiny)")
+    is_path = pretrained is not None and (
+        os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or Path(pretrained).exists())
+    if is_path and not Path(pretrained).is_file():
+        raise UserError(f"checkpoint file not found: {pretrained}")
+    if pretrained and not is_path:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise UserError(f"unknown pretrained tag '{pretrained}' for {name}; known: {', '.join(tags) or 'none'}")
+    try:
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    except RuntimeError as e:
+        if is_path or "download" not in str(e).lower():
+            raise
+        raise UserError(
+            f"cannot load '{pretrained}' weights for {name} (offline?): download them once on a "
+            f"connected machine (they are cached under ~/.cache/huggingface) or set "
+            f"model.pretrained=/path/to/checkpoint.pt") from None
+    return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def zeroshot_weights(clip: nn.Module, tokenizer, class_names: Sequence[str],
+                     templates: Sequence[str]) -> torch.Tensor:
+    """[K, D] unit-norm class embeddings, each the renormalised mean over templates."""
+    device = next(clip.parameters()).device
+    rows = []
+    for name in class_names:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        emb = F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0)
+        rows.append(F.normalize(emb, dim=-1))
+    return torch.stack(rows)
+
+
+class CLIPClassifier(nn.Module):
+    """Image tower + zero-shot-initialised linear head; text tower kept for the flyp term.
+
+    ``logit_scale`` is frozen (it is folded into the head). The text tower is frozen unless
+    ``train_text``; when frozen, the class-caption features are computed once and reused.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
+                 caption_template: str | None = None, train_text: bool = False):
+        super().__init__()
+        self.clip = clip
+        self.train_text = train_text
+        scale = clip.logit_scale.exp().item()
+        weights = zeroshot_weights(clip, tokenizer, class_names, templates)
+        self.head = nn.Linear(weights.shape[1], weights.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(weights * scale)
+            self.head.bias.zero_()
+        captions = [(caption_template or templates[0]).format(c) for c in class_names]
+        self.register_buffer("caption_tokens", tokenizer(captions), persistent=False)
+        self._frozen_captions: torch.Tensor | None = None
+        clip.logit_scale.requires_grad_(False)
+        for name, p in clip.named_parameters():
+            if not name.startswith("visual."):
+                p.requires_grad_(train_text and name != "logit_scale")
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.image_features(images))
+
+    def caption_features(self, labels: torch.Tensor) -> torch.Tensor:
+        """Normalised text features of each label's class caption (for the flyp term)."""
+        if self.train_text:
+            return F.normalize(self.clip.encode_text(self.caption_tokens[labels]), dim=-1)
+        if self._frozen_captions is None or self._frozen_captions.device != labels.device:
+            with torch.no_grad():
+                self._frozen_captions = F.normalize(self.clip.encode_text(self.caption_tokens), dim=-1)
+        return self._frozen_captions[labels]
+
+    def trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+
+def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT: (1 - alpha) * theta_zeroshot + alpha * theta_finetuned, float tensors only."""
+    if zeroshot.keys() != finetuned.keys():
+        raise ValueError("WiSE-FT needs two state dicts of the same architecture")
+    return {k: torch.lerp(v.float(), finetuned[k].float(), alpha).to(v.dtype) if v.is_floating_point()
+            else finetuned[k] for k, v in zeroshot.items()}

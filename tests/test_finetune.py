@@ -1,0 +1,97 @@
+"""The inner loop end to end: Hydra composition, Lightning fit, metrics, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from autoft.finetune import FineTuner, build, evaluate, finetune, run
+from autoft.objective import CompositeObjective
+from tests.conftest import overrides
+
+CONF = str(Path(__file__).parents[1] / "conf")
+
+
+def _cfg(tmp_path, *extra: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("finetune", overrides=overrides() + list(extra))
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+        cfg.logger.save_dir = str(tmp_path)
+    return cfg
+
+
+def test_run_logs_every_prefix_and_returns_the_ood_metric(tmp_path):
+    cfg = _cfg(tmp_path, "objective=robust")
+    value = run(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert value == results["val_ood/F1-macro_all"] and 0.0 <= value <= 1.0
+    for prefix in ("val_id", "val_ood", "test_id", "test_ood"):
+        assert f"{prefix}/F1-macro_all" in results and f"{prefix}/acc_avg" in results
+    metrics = pd.read_csv(next(tmp_path.glob("csv/version_*/metrics.csv")))
+    for col in ("train/loss", "train/ce", "train/flyp", "train/l2init", "val_ood/F1-macro_all",
+                "test_ood/F1-macro_all"):
+        assert col in metrics.columns, col
+
+
+def test_step_budget_and_weights_move(tmp_path):
+    cfg = _cfg(tmp_path, "trainer.max_steps=3", "test=false")
+    model, data, _, _ = build(cfg)
+    before = model.head.weight.detach().clone()
+    module = finetune(cfg, model, data)
+    assert module.trainer.global_step == 3
+    assert not torch.equal(before, model.head.weight)
+    assert "test_ood/F1-macro_all" not in module.results
+
+
+def test_zero_lr_leaves_the_model_and_zero_shot_eval_agrees(tmp_path):
+    cfg = _cfg(tmp_path, "optim.lr=0.0", "optim.weight_decay=0.0", "test=false")
+    model, data, _, _ = build(cfg)
+    zero_shot = evaluate(cfg, model, data)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune(cfg, model, data)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert evaluate(cfg, model, data) == zero_shot
+
+
+def test_cosine_schedule_warms_up_then_decays(tmp_path):
+    cfg = _cfg(tmp_path, "trainer.max_steps=10", "optim.schedule=cosine", "optim.warmup_steps=2", "test=false")
+    model, data, _, _ = build(cfg)
+    lrs = []
+
+    class Spy(FineTuner):
+        def on_train_batch_start(self, batch, batch_idx):
+            lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    objective = CompositeObjective({"ce": 1.0}, model.trainable())
+    module = Spy(model, objective, data.evaluate, **cfg.optim)
+    from autoft.finetune import make_trainer
+
+    make_trainer(cfg).fit(module, datamodule=data)
+    peak = cfg.optim.lr
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.1 * peak
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoft.finetune", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
+    proc = _cli("dataset=no_such_dataset", cwd=tmp_path)
+    assert proc.returncode != 0 and "no_such_dataset" in proc.stderr
+    proc = _cli("dataset.world=null", "dataset.root=/no/such/root", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: iwildcam: data folder /no/such/root")
+    assert "Traceback" not in proc.stderr
+    proc = _cli("+objective.weights.foo=1", *overrides(), cwd=tmp_path)
+    assert proc.returncode == 2 and "error: objective: unknown loss term 'foo'" in proc.stderr
