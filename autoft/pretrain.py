@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import open_clip
 import torch
 
+from autoft import atomic_write
 from autoft.model import load_clip
 from autoft.world import WorldConfig, cache_dir, generate_web
 
@@ -101,7 +101,5 @@ def ensure_pretrained(world: WorldConfig, cfg: PretrainConfig) -> Path:
     log.info("pretraining the tiny CLIP once (cached at %s); this takes a few minutes", path)
     state = pretrain(world, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves half a checkpoint under the final name
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
