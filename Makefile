@@ -4,26 +4,34 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.autoft-installed
+# The stamp's name hashes the dependency files and the list of package files: adding a module
+# must reinstall (the strict editable install links each file; Hydra's plugin scan does not see
+# setuptools' default editable finder), editing one need not.
+STAMP := $(VENV)/.installed-$(shell { cat setup.cfg pyproject.toml; ls autoft/*.py autoft/model_configs/*.json \
+	hydra_plugins/autoft_optuna_sweeper/*.py; } | md5sum | cut -c1-12)
 
-.PHONY: install run test lint clean-cache
+.PHONY: install run table test lint clean-cache
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
+	$(PY) -m autoft.pipeline
+
+table: $(STAMP)
 	$(PY) benchmarks/embedded_table.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check autoft benchmarks tests
+	$(VENV)/bin/ruff check autoft hydra_plugins benchmarks tests
 
 clean-cache:
 	rm -rf $${AUTOFT_CACHE:-$$HOME/.cache/autoft}

@@ -15,17 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import optuna
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from autoft import UserError
+from autoft import UserError, atomic_write
 from autoft.data import WildsDataModule, wilds_folder
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import CompositeObjective
 
 log = logging.getLogger(__name__)
 VAL_KEYS, TEST_KEYS = ("val_id", "val_ood"), ("test_id", "test_ood")
+# The repo's top-level conf/ (resolved through the editable install's symlinks).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class FineTuner(pl.LightningModule):
@@ -97,6 +102,26 @@ class FineTuner(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class OptunaPruning(pl.Callback):
+    """Reports the OOD validation metric to the Optuna trial at every validation and stops the run
+    when the study's pruner says so. The trial is reached through the study's storage, so this works
+    whichever Hydra launcher (in-process or other processes) runs the job."""
+
+    def __init__(self, trial, key: str):
+        self.trial, self.key = trial, key
+
+    def on_validation_end(self, trainer: pl.Trainer, module: FineTuner) -> None:
+        if trainer.sanity_checking or self.key not in module.results:
+            return
+        step = trainer.global_step
+        self.trial.set_user_attr("inner_steps", step)  # what the run cost, pruned or not
+        if len(self.trial.study.directions) > 1:
+            return  # Optuna prunes single-objective studies only
+        self.trial.report(module.results[self.key], step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}: {self.key}={module.results[self.key]:.4f}")
+
+
 def resolve_pretrained(cfg: DictConfig) -> str | None:
     """``pretrained: embedded`` means the project's own tiny CLIP for the embedded world (built once)."""
     if cfg.model.pretrained != "embedded":
@@ -147,7 +172,8 @@ def make_trainer(cfg: DictConfig, logger=None, **overrides) -> pl.Trainer:
     return pl.Trainer(logger=logger if logger is not None else False, **kwargs)
 
 
-def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logger=None) -> FineTuner:
+def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logger=None,
+             callbacks: list[pl.Callback] | None = None) -> FineTuner:
     """Fine-tune ``model`` in place with the configured objective; validate and (optionally) test."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
@@ -155,8 +181,12 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
     except ValueError as e:
         raise UserError(f"objective: {e}") from None
     module = FineTuner(model, objective, data.evaluate, **cfg.optim)
-    trainer = make_trainer(cfg, logger)
+    trainer = make_trainer(cfg, logger, callbacks=callbacks or [])
     trainer.fit(module, datamodule=data)
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+        # keep the epoch that is best on the monitored (ID validation) metric
+        best = torch.load(trainer.checkpoint_callback.best_model_path, map_location=module.device, weights_only=True)
+        module.load_state_dict(best["state_dict"])
     if cfg.test:
         trainer.test(module, datamodule=data, verbose=False)
     return module
@@ -174,29 +204,73 @@ def evaluate(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule,
     return module.results
 
 
-def run(cfg: DictConfig) -> float:
-    """One fine-tuning run; writes ``results.json``; returns the OOD validation metric."""
+def _wandb_offline() -> bool:
+    """No login, no prompt: W&B runs offline (``wandb sync`` later) unless WANDB_MODE says otherwise."""
+    if "WANDB_MODE" in os.environ:
+        return False
+    netrc = Path.home() / ".netrc"
+    logged_in = "WANDB_API_KEY" in os.environ or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return not logged_in
+
+
+def make_logger(cfg: DictConfig, trial=None):
+    """The configured Lightning logger; a W&B run is grouped by study and named after its trial."""
+    if not cfg.get("logger"):
+        return None
+    extra: dict[str, Any] = {}
+    if cfg.logger._target_.endswith("WandbLogger"):
+        extra["offline"] = _wandb_offline()
+        if trial is not None:
+            extra.update(group=trial.study.study_name, name=f"trial-{trial.number}", job_type="trial")
+    logger = hydra.utils.instantiate(cfg.logger, **extra)
+    params = OmegaConf.to_container(cfg, resolve=True)
+    if trial is not None:
+        params["trial"] = {"number": trial.number, "params": trial.params}
+    logger.log_hyperparams(params)
+    return logger
+
+
+def finish_logger(logger, results: dict[str, float]) -> None:
+    """Final metrics as the run's summary; close a W&B run so the next job in this process starts clean."""
+    if type(logger).__name__ == "WandbLogger":
+        logger.experiment.summary.update(results)
+        logger.experiment.finish()
+
+
+def run(cfg: DictConfig) -> float | list[float]:
+    """One fine-tuning run; writes ``results.json``; returns the metric(s) named by ``cfg.returns``.
+
+    Run by the sweeper, the job finds its Optuna trial through the storage, reports the OOD
+    validation metric at every validation and raises ``optuna.TrialPruned`` when pruned.
+    """
+    from hydra_plugins.autoft_optuna_sweeper import trial_from_config
+
+    trial = trial_from_config(cfg)
     model, data, _, _ = build(cfg)
-    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else None
-    module = finetune(cfg, model, data, logger)
+    logger = make_logger(cfg, trial)
+    key = f"val_ood/{cfg.dataset.metric}"
+    callbacks = [OptunaPruning(trial, key)] if trial is not None else []
+    module = finetune(cfg, model, data, logger, callbacks)
+    finish_logger(logger, module.results)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(module.results, indent=1, sort_keys=True))
-    tmp.replace(out / "results.json")
-    key = f"val_ood/{cfg.dataset.metric}"
-    if key not in module.results:
-        raise UserError(f"metric '{cfg.dataset.metric}' not produced; available: "
-                        f"{sorted(k for k in module.results if k.startswith('val_ood/'))}")
-    log.info("%s = %.4f", key, module.results[key])
-    return module.results[key]
+    atomic_write(out / "results.json", json.dumps(module.results, indent=1, sort_keys=True))
+    keys = [f"{split}/{cfg.dataset.metric}" for split in cfg.returns]
+    missing = [k for k in keys if k not in module.results]
+    if missing:
+        raise UserError(f"metric(s) {missing} not produced; available: {sorted(module.results)}")
+    values = [module.results[k] for k in keys]
+    log.info("%s", ", ".join(f"{k} = {v:.4f}" for k, v in zip(keys, values, strict=True)))
+    return values[0] if len(values) == 1 else values
 
 
-@hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+@hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")
+def main(cfg: DictConfig) -> float | list[float]:
     try:
         return run(cfg)
     except UserError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records it as this trial's failure and goes on
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

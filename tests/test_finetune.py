@@ -13,15 +13,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from autoft.finetune import FineTuner, build, evaluate, finetune, run
+from autoft.finetune import CONF_DIR, FineTuner, build, evaluate, finetune, run
 from autoft.objective import CompositeObjective
 from tests.conftest import overrides
 
-CONF = str(Path(__file__).parents[1] / "conf")
-
 
 def _cfg(tmp_path, *extra: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=overrides() + list(extra))
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
@@ -30,7 +28,7 @@ def _cfg(tmp_path, *extra: str):
 
 
 def test_run_logs_every_prefix_and_returns_the_ood_metric(tmp_path):
-    cfg = _cfg(tmp_path, "objective=robust")
+    cfg = _cfg(tmp_path, "objective=robust", "logger=csv")
     value = run(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     assert value == results["val_ood/F1-macro_all"] and 0.0 <= value <= 1.0
@@ -95,3 +93,13 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = _cli("+objective.weights.foo=1", *overrides(), cwd=tmp_path)
     assert proc.returncode == 2 and "error: objective: unknown loss term 'foo'" in proc.stderr
+
+
+def test_wandb_runs_offline_without_login_and_writes_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    cfg = _cfg(tmp_path, "logger=wandb", "trainer.max_steps=2")
+    run(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

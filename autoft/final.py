@@ -1,0 +1,120 @@
+"""Final training with a searched objective, and WiSE-FT.
+
+``python -m autoft.final best=<sweep dir>/best_params.yaml`` retrains from the pretrained weights
+with exactly the best trial's hyperparameters (the searched lr included; the reference code let
+its scheduler overwrite it), keeps the checkpoint best on the ID validation metric, tests it on
+ID and OOD, and then evaluates WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import optuna
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from autoft import UserError, atomic_write
+from autoft.finetune import CONF_DIR, build, evaluate, finetune, finish_logger, make_logger
+from autoft.model import interpolate
+
+log = logging.getLogger(__name__)
+
+
+def load_best_params(best: str | None = None, storage: str | None = None, name: str | None = None,
+                     pick: int | None = None) -> dict[str, Any]:
+    """The params of a finished search: from a ``best_params.yaml`` or from the study itself.
+
+    Multi-objective studies have a Pareto front, not a best trial: ``pick`` chooses a trial number
+    on it; by default the one best on the last objective (OOD validation).
+    """
+    if best:
+        path = Path(best)
+        if not path.is_file():
+            raise UserError(f"best-params file not found: {path}")
+        summary = yaml.safe_load(path.read_text())
+        if not isinstance(summary, dict) or not ({"best_params", "pareto_front"} & set(summary)):
+            raise UserError(f"{path}: not a best_params.yaml written by the autoft_optuna sweeper")
+        if "best_params" in summary:
+            return dict(summary["best_params"])
+        front = {t["trial"]: t for t in summary["pareto_front"]}
+    elif storage and name:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise UserError(f"no study '{name}' in {storage}") from None
+        if len(study.directions) == 1:
+            try:
+                return dict(study.best_params)
+            except ValueError:
+                raise UserError(f"study '{name}' has no finished trial yet") from None
+        front = {t.number: {"params": t.params, "values": t.values} for t in study.best_trials}
+    else:
+        raise UserError("give best=<best_params.yaml> or study.storage=<url> study.name=<name>")
+    if not front:
+        raise UserError("the Pareto front is empty: no finished trial")
+    if pick is None:
+        pick = max(front, key=lambda n: front[n]["values"][-1])
+    if pick not in front:
+        raise UserError(f"trial {pick} is not on the Pareto front {sorted(front)}")
+    return dict(front[pick]["params"])
+
+
+def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` with each searched ``dotted.key: value`` set, exactly as the trial had it."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key, value in params.items():
+            OmegaConf.update(cfg, key.lstrip("+"), value, force_add=True)
+    return cfg
+
+
+def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Retrain with ``params``, keep the best-ID-val epoch, test it, then WiSE-FT over ``cfg.wise_alphas``."""
+    cfg = apply_params(cfg, params)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, data, _, _ = build(cfg)
+    zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metric = cfg.dataset.metric
+    best_ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best-{epoch}", monitor=f"val_id/{metric}",
+                                mode="max", save_top_k=1, save_weights_only=True)
+    logger = make_logger(cfg)
+    module = finetune(cfg, model, data, logger, callbacks=[best_ckpt])  # tests the best epoch (ckpt_path="best")
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    atomic_write(out_dir / "finetuned.pt", lambda f: torch.save(tuned, f))
+    wise = []
+    for alpha in cfg.wise_alphas:
+        model.load_state_dict(interpolate(zero_shot, tuned, float(alpha)))
+        res = evaluate(cfg, model, data)
+        wise.append({"alpha": float(alpha), "id": res[f"test_id/{metric}"], "ood": res[f"test_ood/{metric}"]})
+        log.info("WiSE-FT alpha %.2f: ID %.4f OOD %.4f", alpha, wise[-1]["id"], wise[-1]["ood"])
+    model.load_state_dict(tuned)
+    summary = {"params": params, "results": module.results, "wise": wise,
+               "best_checkpoint": best_ckpt.best_model_path, "best_epoch_metric": float(best_ckpt.best_model_score)}
+    if logger is not None:
+        logger.log_metrics({f"wise/{w['alpha']}/{k}": w[k] for w in wise for k in ("id", "ood")})
+    finish_logger(logger, module.results)
+    atomic_write(out_dir / "final.json", json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+@hydra.main(config_path=CONF_DIR, config_name="final", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        params = load_best_params(cfg.best, cfg.study.storage, cfg.study.name, cfg.pick)
+        summary = final_train(cfg, params, Path(cfg.output_dir))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return summary["results"][f"test_ood/{cfg.dataset.metric}"]
+
+
+if __name__ == "__main__":
+    main()

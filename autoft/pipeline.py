@@ -1,0 +1,109 @@
+"""The main job, end to end: search, final training, WiSE-FT, report.
+
+``python -m autoft.pipeline`` (what ``make run`` runs) on the embedded world:
+
+1. the world and the tiny CLIP (generated and pretrained once, then cached);
+2. the AutoFT search: ``python -m autoft.finetune -m search=embedded`` through the project's
+   Optuna sweeper (a persistent study: re-running the command resumes it);
+3. final training with the best objective, and plain fine-tuning (ce) at the same budget;
+4. WiSE-FT of both over an alpha grid;
+5. a report in the run directory: results table (markdown, JSON), the best objective, and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from hydra import compose, initialize_config_dir
+
+from autoft import UserError
+from autoft.final import final_train, load_best_params
+from autoft.finetune import CONF_DIR, dataset_root, resolve_pretrained
+
+log = logging.getLogger("autoft.pipeline")
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides, return_hydra_config=False)
+
+
+def search(out: Path, seed: int, trials: int, extra: list[str]) -> Path:
+    """Run the search as a Hydra multirun in a child process; return its best_params.yaml."""
+    cmd = [sys.executable, "-m", "autoft.finetune", "-m", "search=embedded", f"dataset.world.seed={seed}",
+           f"hydra.sweep.dir={out / 'search'}", f"hydra.sweeper.sampler.seed={seed}",
+           f"hydra.sweeper.n_trials={trials}", *extra]
+    log.info("search: %s", " ".join(cmd[1:]))
+    if subprocess.run(cmd).returncode != 0:
+        raise UserError(f"the search failed (see its output above); re-running resumes it: {' '.join(cmd)}")
+    return out / "search" / "best_params.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="world, pretraining and search seed")
+    parser.add_argument("--trials", type=int, default=20, help="search trials (finished, across restarts)")
+    parser.add_argument("--epochs", type=int, default=6, help="final-training budget, same for every method")
+    parser.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT alpha reported in the table")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default outputs/main/seed<S>)")
+    parser.add_argument("--search-override", action="append", default=[], metavar="OVERRIDE",
+                        help="extra Hydra override for the search, e.g. hydra.sweeper.pruner.name=median")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. logger=csv")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every load at INFO on the root logger
+    for name in ("autoft", "hydra_plugins"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    out = (args.out or Path("outputs/main") / f"seed{args.seed}").resolve()
+    common = [f"dataset.world.seed={args.seed}", *args.overrides]
+    t0 = time.time()
+    try:
+        log.info("embedded world (a procedural stand-in, not iWildCam) and tiny CLIP, seed %d", args.seed)
+        base = _compose("final", [*common, f"output_dir={out}"])
+        dataset_root(base), resolve_pretrained(base)  # generate / pretrain once; cached afterwards
+        best_file = search(out, args.seed, args.trials, [*common, *args.search_override])
+        params = load_best_params(str(best_file))
+        t_search = time.time() - t0
+        final = [f"trainer.max_epochs={args.epochs}", "optim.warmup_steps=20", f"seed={args.seed}", *common]
+        log.info("final training with the best objective: %s", params)
+        autoft = final_train(_compose("final", [*final, f"output_dir={out / 'autoft'}"]), params, out / "autoft")
+        log.info("plain fine-tuning (ce) at the same budget")
+        plain = final_train(_compose("final", [*final, "objective=ce", f"output_dir={out / 'finetune'}"]), {},
+                            out / "finetune")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = _rows(plain, autoft, args.alpha)
+    study = optuna.load_study(study_name=f"autoft-embedded-seed{args.seed}",
+                              storage=f"sqlite:///{out / 'search' / 'optuna.db'}")
+    best = {"params": params, "value": study.best_value if len(study.directions) == 1 else None,
+            "search_seconds": round(t_search), "trials": len(study.trials)}
+    wise = {"AutoFT + WiSE-FT": autoft["wise"], "FT + WiSE-FT": plain["wise"]}
+    from autoft.report import write_report
+
+    written = write_report(out, rows, best, wise, study, metric="macro-F1")
+    print((out / "results.md").read_text())
+    log.info("report: %s (%.0f s in all)", ", ".join(str(p) for p in written.values()), time.time() - t0)
+    (out / "timing.json").write_text(json.dumps({"total_s": time.time() - t0, "search_s": t_search}))
+    return 0
+
+
+def _rows(plain: dict, autoft: dict, alpha: float) -> dict[str, dict[str, float]]:
+    def at(run: dict, a: float) -> dict[str, float]:
+        point = min(run["wise"], key=lambda w: abs(w["alpha"] - a))
+        return {"id": point["id"], "ood": point["ood"]}
+
+    return {"zero-shot": at(plain, 0.0), "fine-tuning (ce)": at(plain, 1.0),
+            f"FT + WiSE-FT (alpha {alpha})": at(plain, alpha), "AutoFT": at(autoft, 1.0),
+            f"AutoFT + WiSE-FT (alpha {alpha})": at(autoft, alpha)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The AutoFT search through the project's sweeper on the real fine-tuning app, and final training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tests.conftest import overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SEARCH = ["search=embedded", "search.inner_steps=4", "search.eval_every=2"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+
+
+def _search(sweep_dir: Path, *extra: str, n_trials: int = 3, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *overrides(),
+           f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.n_trials={n_trials}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_dir.parent, env=_env(), timeout=600)
+
+
+def _study(sweep_dir: Path, name: str = "autoft-embedded-seed0") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+
+
+def _trial_states(db: Path) -> list[str]:
+    """Trial states ('+beat' once a heartbeat is recorded) read straight from SQLite, read-only: opening
+    the study through Optuna while the sweeper creates it would race it to create the schema."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return [row[0] for row in con.execute(
+                "SELECT state || CASE WHEN h.trial_id IS NULL THEN '' ELSE '+beat' END FROM trials "
+                "LEFT JOIN trial_heartbeats h USING (trial_id)")]
+    except sqlite3.OperationalError:  # schema not created yet, or locked for a moment
+        return []
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> Path:
+    sweep = tmp_path_factory.mktemp("search") / "sweep"
+    proc = _search(sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def test_search_writes_best_params_and_counts_trials(searched):
+    study = _study(searched)
+    assert len(_finished(study)) == 3
+    best = yaml.safe_load((searched / "best_params.yaml").read_text())
+    assert best["best_value"] == pytest.approx(study.best_value)
+    space = {"optim.lr", "optim.weight_decay", "seed"} | {f"objective.weights.{t}" for t in
+                                                           ("hinge", "entropy", "dcm", "flyp", "l1init", "l2init",
+                                                            "l1zero", "l2zero")}
+    assert set(best["best_params"]) == space
+    assert 1e-6 <= best["best_params"]["optim.lr"] <= 1e-2
+    for t in study.trials:  # every trial reported its OOD validation metric through the storage
+        assert t.intermediate_values and t.user_attrs["inner_steps"] == 4
+
+
+def test_same_seed_same_trials(searched, tmp_path):
+    again = tmp_path / "sweep"
+    assert _search(again).returncode == 0
+    a, b = _study(searched).trials, _study(again).trials
+    assert [t.params for t in a] == [t.params for t in b]
+    assert [t.value for t in a] == pytest.approx([t.value for t in b], abs=1e-6)
+
+
+def test_pruning_stops_trials_early(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _search(sweep, "hydra.sweeper.pruner.name=percentile", "+hydra.sweeper.pruner.kwargs.percentile=1.0",
+                   "+hydra.sweeper.pruner.kwargs.n_startup_trials=1", "+hydra.sweeper.pruner.kwargs.n_warmup_steps=0",
+                   "search.inner_steps=6", n_trials=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study(sweep).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and len(_finished(_study(sweep))) == 4
+    assert all(t.user_attrs["inner_steps"] < 6 for t in pruned)
+
+
+def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *overrides(), f"hydra.sweep.dir={sweep}",
+           "hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 once one trial is done and the next is running
+        states = _trial_states(sweep / "optuna.db")
+        if sum(s.startswith("COMPLETE") for s in states) >= 1 and "RUNNING+beat" in states:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3.5)  # past the grace period: the dead process's RUNNING trial is stale
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = _study(sweep)
+    assert len(_finished(study)) == 4
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert yaml.safe_load((sweep / "best_params.yaml").read_text())["best_value"] == pytest.approx(study.best_value)
+
+
+def test_final_training_uses_the_best_params_and_wise_ft_grid(searched, tmp_path):
+    out = tmp_path / "final"
+    cmd = [sys.executable, "-m", "autoft.final", f"best={searched / 'best_params.yaml'}", *overrides(),
+           "trainer.max_epochs=2", "trainer.max_steps=-1", "optim.warmup_steps=2", "logger=csv",
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    best = yaml.safe_load((searched / "best_params.yaml").read_text())["best_params"]
+    assert final["params"] == best
+    config = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
+    assert config["optim"]["schedule"] == "cosine"
+    assert [w["alpha"] for w in final["wise"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert final["wise"][-1]["ood"] == pytest.approx(final["results"]["test_ood/F1-macro_all"])
+    assert Path(final["best_checkpoint"]).is_file() and (out / "finetuned.pt").is_file()
+    metrics = (next(out.glob("csv/version_*/metrics.csv"))).read_text()
+    assert "val_id/F1-macro_all" in metrics
+
+
+def test_final_rejects_a_missing_best_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "autoft.final", "best=/no/such/best_params.yaml"],
+                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
+    assert proc.returncode == 2 and "error: best-params file not found: /no/such/best_params.yaml" in proc.stderr
+
+
+def test_multi_objective_search_reports_a_pareto_front(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _search(sweep, "returns=[val_id,val_ood]", "hydra.sweeper.direction=[maximize,maximize]", n_trials=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    front = yaml.safe_load((sweep / "best_params.yaml").read_text())["pareto_front"]
+    assert front and all(len(t["values"]) == 2 for t in front)

@@ -1,0 +1,278 @@
+"""The autoft_optuna Hydra sweeper: search-space parsing, and real sweeps of a tiny app run as subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.autoft_optuna_sweeper import trial_from_config
+from hydra_plugins.autoft_optuna_sweeper.optuna_sweeper import (
+    _format_value,
+    _objective_values,
+    _parser,
+    parse_search_space,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """\
+x: 0.0
+y: 0.0
+mode: quad
+hydra:
+  sweeper:
+    params:
+      x: interval(-5, 5)
+      y: interval(-5, 5)
+"""
+
+APP = """\
+import hydra
+import optuna
+
+from hydra_plugins.autoft_optuna_sweeper import trial_from_config
+
+
+@hydra.main(version_base=None, config_path=".", config_name="config")
+def main(cfg):
+    value = -((cfg.x - 2) ** 2) - (cfg.y - 1) ** 2
+    if not isinstance(cfg.get("act", ""), str):  # a string choice must reach the job as a string
+        raise TypeError(f"act={cfg.act!r}")
+    if cfg.mode == "fail" and cfg.x > 0:
+        raise RuntimeError("boom")
+    if cfg.mode == "multi":
+        return [-((cfg.x - 2) ** 2), -((cfg.y - 1) ** 2)]
+    if cfg.mode == "prune":
+        trial = trial_from_config(cfg)
+        for step in range(3):
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+    return value
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+QUICK = ["+hydra.sweeper.sampler.kwargs.n_startup_trials=3"]  # TPE after 3 random trials: exercise TPE itself
+# Command-line sweeps join the config's space; a fixed override passes through.
+EXTRA = ["y=choice(0.5,1.0)", "+act=choice(relu,'1')", "+lr=tag(log,interval(1e-5,1e-3))", "mode=quad"]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("app")
+    (path / "config.yaml").write_text(CONFIG)
+    (path / "my_app.py").write_text(APP)
+    return path
+
+
+def sweep(app: Path, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "my_app.py", "-m", "hydra/sweeper=autoft_optuna", f"hydra.sweep.dir='{sweep_dir}'"]
+    proc = subprocess.run([*cmd, *overrides], cwd=app, env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def load(sweep_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name="autoft", storage=f"sqlite:///{sweep_dir}/optuna.db")
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state.is_finished()]
+
+
+@pytest.fixture(scope="module")
+def basic(app, tmp_path_factory) -> Path:
+    """One 6-trial sweep with command-line params, shared by the tests that only read it."""
+    sweep_dir = tmp_path_factory.mktemp("basic") / "sweep"
+    sweep(app, sweep_dir, "hydra.sweeper.n_trials=6", *QUICK, *EXTRA)
+    return sweep_dir
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("x=interval(0,1)", FloatDistribution(0.0, 1.0)),
+        ("x=tag(log,interval(1e-5,1e-3))", FloatDistribution(1e-5, 1e-3, log=True)),
+        ("x=int(interval(1,10))", IntDistribution(1, 10)),
+        ("x=tag(log,int(interval(1,100)))", IntDistribution(1, 100, log=True)),
+        ("x=choice(adam,sgd,3,true,'1')", CategoricalDistribution(["adam", "sgd", 3, True, "1"])),
+        ("x=adam,sgd", CategoricalDistribution(["adam", "sgd"])),
+        ("x=range(1,10,2)", IntDistribution(1, 9, step=2)),  # stop excluded, as in Hydra's range
+        ("x=range(0.0,1.0,0.25)", FloatDistribution(0.0, 0.75, step=0.25)),
+    ],
+)
+def test_each_form_parses_to_its_distribution(line, expected):
+    assert parse_search_space([line]).distributions == {"x": expected}
+
+
+def test_fixed_values_pass_through_and_later_lines_win():
+    space = parse_search_space(["x=interval(0,1)", "lr=0.1", "+model.w=interval(0,2)", "~drop", "x=3"])
+    assert space.distributions == {"model.w": FloatDistribution(0.0, 2.0)}
+    assert space.keys == {"model.w": "+model.w"}
+    assert space.fixed == ["x=3", "lr=0.1", "~drop"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "x=interval(1,0)",
+        "x=interval(1,1)",
+        "x=tag(log,interval(0,1))",
+        "x=tag(log,int(interval(0,5)))",
+        "x=range(5,1)",
+        "x=range(1,5,0)",
+        "x=choice()",
+        "x=tag(lg,interval(0,1))",
+        "x=tag(log,choice(1,2))",
+        "x=glob(*)",
+        "x=interval(0",
+    ],
+)
+def test_invalid_space_is_a_one_line_value_error_naming_the_param(line):
+    with pytest.raises(ValueError, match="'x'") as info:
+        parse_search_space(["y=interval(0,1)", line])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0.1 + 0.2, 1e-300, -3, 7, True, "1", "null", "a,b", "it's", "x y", "sqlite:////t/o.db"])
+def test_values_reach_jobs_unchanged(value):
+    parsed = _parser().parse_override(f"k={_format_value(value)}").value()
+    assert type(parsed) is type(value) and parsed == value
+
+
+@pytest.mark.parametrize(
+    ("result", "n", "ok"),
+    [(1, 1, True), (float("nan"), 1, False), (float("inf"), 1, False), ("x", 1, False), ([1.0, 2.0], 2, True),
+     ([1.0], 2, False), ([1.0, float("nan")], 2, False), (None, 1, False)],
+)
+def test_only_finite_values_of_the_right_shape_complete(result, n, ok):
+    values, error = _objective_values(result, n)
+    assert (values is not None, error is None) == (ok, ok)
+
+
+def test_cli_bad_space_exits_nonzero_and_writes_nothing(app, tmp_path):
+    proc = sweep(app, tmp_path / "sweep", "x=interval(1,0)", check=False)
+    assert proc.returncode != 0
+    assert "invalid search space for 'x'" in proc.stderr
+    assert not (tmp_path / "sweep" / "optuna.db").exists()
+
+
+def test_sweep_records_n_trials_and_the_best(basic):
+    study = load(basic)
+    trials = finished(study)
+    assert len(trials) == len(study.trials) == 6
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:  # command-line sweeps join the space; jobs got the sampled floats exactly
+        assert set(t.params) == {"x", "y", "act", "lr"}
+        assert t.distributions["y"] == CategoricalDistribution([0.5, 1.0])
+        assert t.distributions["lr"] == FloatDistribution(1e-5, 1e-3, log=True)
+        assert t.value == -((t.params["x"] - 2) ** 2) - (t.params["y"] - 1) ** 2
+    best = yaml.safe_load((basic / "best_params.yaml").read_text())
+    assert best["best_trial"] == study.best_trial.number
+    assert best["best_value"] == study.best_value
+    assert best["best_params"] == study.best_params
+    with open(basic / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+
+def test_same_seed_same_params_other_seed_other_params(app, basic, tmp_path):
+    sweep(app, tmp_path / "same", "hydra.sweeper.n_trials=6", *QUICK, *EXTRA)
+    sweep(app, tmp_path / "other", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=1", *QUICK, *EXTRA)
+    params = [[t.params for t in load(d).trials] for d in (basic, tmp_path / "same", tmp_path / "other")]
+    assert params[0] == params[1]
+    assert params[0] != params[2]
+
+
+def test_rerun_finishes_the_same_study(app, tmp_path):
+    sweep(app, tmp_path, "hydra.sweeper.n_trials=3")
+    sweep(app, tmp_path, "hydra.sweeper.n_trials=5")
+    trials = load(tmp_path).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({(t.params["x"], t.params["y"]) for t in trials}) == 5  # the resumed sampler does not replay
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage")
+def test_trial_left_running_by_a_dead_process_is_failed_and_retried(app, tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage, study_name="autoft", direction="maximize")
+    space = {"x": FloatDistribution(-5.0, 5.0), "y": FloatDistribution(-5.0, 5.0)}
+    dead = study.ask(space)
+    storage.record_heartbeat(dead._trial_id)  # it ran for a while, then its process died
+    time.sleep(2.5)  # past the grace period (SQLite timestamps have 1 s resolution)
+    sweep(app, tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.grace_period=1")
+    trials = load(tmp_path).trials
+    assert trials[0].state == TrialState.FAIL and "error" not in trials[0].user_attrs
+    assert trials[1].params == dead.params and trials[1].system_attrs["failed_trial"] == 0
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 3
+
+
+def test_jobs_prune_through_the_storage(app, tmp_path):
+    pruner = ["hydra.sweeper.pruner.name=median", "+hydra.sweeper.pruner.kwargs.n_startup_trials=2"]
+    sweep(app, tmp_path, "mode=prune", "hydra.sweeper.n_trials=6", *pruner)
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and TrialState.PRUNED in states and TrialState.RUNNING not in states
+
+    # This test process is not the sweeper: the trial and its median pruner come from the config keys alone.
+    running = study.ask()
+    keys = {"storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": "autoft", "trial_id": running._trial_id}
+    trial = trial_from_config(OmegaConf.create({"x": 1.0, "optuna_trial": keys}))
+    assert trial is not None and trial.number == running.number
+    trial.report(-1e9, 0)
+    assert trial.should_prune()
+    assert trial_from_config(OmegaConf.create({"x": 1.0})) is None
+
+
+def test_failing_job_fails_its_trial_and_the_sweep_goes_on(app, tmp_path):
+    sweep(app, tmp_path, "mode=fail", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.name=random")
+    trials = load(tmp_path).trials
+    assert len(trials) == 4
+    for t in trials:
+        if t.params["x"] > 0:
+            assert t.state == TrialState.FAIL and t.user_attrs["error"] == "RuntimeError: boom"
+        else:
+            assert t.state == TrialState.COMPLETE
+    assert any(t.state == TrialState.FAIL for t in trials) and any(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_multi_objective_writes_the_pareto_front(app, tmp_path):
+    sweep(app, tmp_path, "mode=multi", "hydra.sweeper.direction=[maximize,maximize]", "hydra.sweeper.n_trials=4")
+    study = load(tmp_path)
+    assert len(finished(study)) == 4
+    front = yaml.safe_load((tmp_path / "best_params.yaml").read_text())["pareto_front"]
+    assert front == [{"trial": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
+
+
+def test_warm_start_and_enqueue_come_first(app, basic, tmp_path):
+    source = load(basic)
+    top = sorted(source.trials, key=lambda t: t.value, reverse=True)[:2]
+    sweep(
+        app,
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.enqueue=[{x:1.0,y:1.5}]",
+        f"hydra.sweeper.warm_start.storage='sqlite:///{basic}/optuna.db'",
+        "hydra.sweeper.warm_start.top_k=2",
+    )
+    trials = load(tmp_path).trials
+    assert trials[0].params == {"x": 1.0, "y": 1.5}
+    # only params of this space come over (the source also searched act and lr)
+    assert [t.params for t in trials[1:3]] == [{"x": t.params["x"], "y": t.params["y"]} for t in top]
+    assert len(finished(load(tmp_path))) == 4
