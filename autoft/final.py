@@ -76,8 +76,10 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
     return cfg
 
 
-def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Retrain with ``params``, keep the best-ID-val epoch, test it, then WiSE-FT over ``cfg.wise_alphas``."""
+def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path, **wandb_run: str) -> dict[str, Any]:
+    """Retrain with ``params``, keep the best-ID-val epoch, test it, then WiSE-FT over ``cfg.wise_alphas``.
+
+    ``wandb_run`` (group, name) places the run beside its study's trials in W&B."""
     cfg = apply_params(cfg, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, data, _, _ = build(cfg)
@@ -85,7 +87,7 @@ def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path) -> dict[
     metric = cfg.dataset.metric
     best_ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best-{epoch}", monitor=f"val_id/{metric}",
                                 mode="max", save_top_k=1, save_weights_only=True)
-    logger = make_logger(cfg)
+    logger = make_logger(cfg, job_type="final", **wandb_run)
     module = finetune(cfg, model, data, logger, callbacks=[best_ckpt])  # tests the best epoch (ckpt_path="best")
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atomic_write(out_dir / "finetuned.pt", lambda f: torch.save(tuned, f))

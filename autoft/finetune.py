@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import CompositeObjective
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per fit: noise, not news.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 VAL_KEYS, TEST_KEYS = ("val_id", "val_ood"), ("test_id", "test_ood")
 # The repo's top-level conf/ (resolved through the editable install's symlinks).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -204,7 +207,7 @@ def evaluate(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule,
     return module.results
 
 
-def _wandb_offline() -> bool:
+def wandb_offline() -> bool:
     """No login, no prompt: W&B runs offline (``wandb sync`` later) unless WANDB_MODE says otherwise."""
     if "WANDB_MODE" in os.environ:
         return False
@@ -213,15 +216,17 @@ def _wandb_offline() -> bool:
     return not logged_in
 
 
-def make_logger(cfg: DictConfig, trial=None):
-    """The configured Lightning logger; a W&B run is grouped by study and named after its trial."""
+def make_logger(cfg: DictConfig, trial=None, **wandb_run: str):
+    """The configured Lightning logger; a W&B run is grouped by study and named after its trial
+    (or by ``wandb_run``: group, name, job_type)."""
     if not cfg.get("logger"):
         return None
     extra: dict[str, Any] = {}
     if cfg.logger._target_.endswith("WandbLogger"):
-        extra["offline"] = _wandb_offline()
+        extra["offline"] = wandb_offline()
         if trial is not None:
             extra.update(group=trial.study.study_name, name=f"trial-{trial.number}", job_type="trial")
+        extra.update(wandb_run)
     logger = hydra.utils.instantiate(cfg.logger, **extra)
     params = OmegaConf.to_container(cfg, resolve=True)
     if trial is not None:

@@ -8,6 +8,7 @@ features with the features of each image's class caption.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,8 +42,12 @@ def load_clip(name: str, pretrained: str | None = None):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise UserError(f"unknown pretrained tag '{pretrained}' for {name}; known: {', '.join(tags) or 'none'}")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # open_clip logs each creation step at INFO on the root logger
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        tokenizer = open_clip.get_tokenizer(name)
     except RuntimeError as e:
         if is_path or "download" not in str(e).lower():
             raise
@@ -50,7 +55,9 @@ def load_clip(name: str, pretrained: str | None = None):
             f"cannot load '{pretrained}' weights for {name} (offline?): download them once on a "
             f"connected machine (they are cached under ~/.cache/huggingface) or set "
             f"model.pretrained=/path/to/checkpoint.pt") from None
-    return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+    finally:
+        root.setLevel(level)
+    return model, train_tf, eval_tf, tokenizer
 
 
 @torch.no_grad()

@@ -73,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         t_search = time.time() - t0
         final = [f"trainer.max_epochs={args.epochs}", "optim.warmup_steps=20", f"seed={args.seed}", *common]
         log.info("final training with the best objective: %s", params)
-        autoft = final_train(_compose("final", [*final, f"output_dir={out / 'autoft'}"]), params, out / "autoft")
+        group = f"autoft-embedded-seed{args.seed}"
+        autoft = final_train(_compose("final", [*final, f"output_dir={out / 'autoft'}"]), params, out / "autoft",
+                             group=group, name="final-autoft")
         log.info("plain fine-tuning (ce) at the same budget")
         plain = final_train(_compose("final", [*final, "objective=ce", f"output_dir={out / 'finetune'}"]), {},
-                            out / "finetune")
+                            out / "finetune", group=group, name="final-ce")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -89,10 +91,28 @@ def main(argv: list[str] | None = None) -> int:
     from autoft.report import write_report
 
     written = write_report(out, rows, best, wise, study, metric="macro-F1")
+    if base.get("logger") and base.logger._target_.endswith("WandbLogger"):
+        log_report_to_wandb(out, group, rows, written)
     print((out / "results.md").read_text())
     log.info("report: %s (%.0f s in all)", ", ".join(str(p) for p in written.values()), time.time() - t0)
     (out / "timing.json").write_text(json.dumps({"total_s": time.time() - t0, "search_s": t_search}))
     return 0
+
+
+def log_report_to_wandb(out: Path, group: str, rows: dict[str, dict[str, float]], files: dict[str, Path]) -> None:
+    """The report (tables, plots, best params) as a W&B artifact in the study's group; offline without login."""
+    import wandb
+
+    from autoft.finetune import wandb_offline
+
+    run = wandb.init(project="autoft", group=group, name="report", job_type="report", dir=str(out),
+                     mode="offline" if wandb_offline() else None)
+    run.summary.update({f"{m}/{k}": v for m, r in rows.items() for k, v in r.items()})
+    art = wandb.Artifact(f"{group}-report", type="report")
+    for path in files.values():
+        art.add_file(str(path))
+    run.log_artifact(art)
+    run.finish()
 
 
 def _rows(plain: dict, autoft: dict, alpha: float) -> dict[str, dict[str, float]]:
