@@ -67,8 +67,10 @@ def test_nuisances_are_rare_on_the_web_and_common_in_traps(tiny_world):
     cfg, root = tiny_world
     df = _meta(root)
     sc = web_scenes(cfg, 4000, np.random.default_rng(0))
-    assert sc.night.mean() < 0.05 and df.night.mean() > 0.35
-    assert sc.small.mean() < 0.05 and df.small.mean() > 0.3
+    for kind in ("night", "small", "blur"):
+        web, trap = getattr(sc, kind).mean(), df[kind].mean()
+        assert abs(web - getattr(cfg.web, kind)) < 0.015 and abs(trap - getattr(cfg.trap, kind)) < 0.07, kind
+        assert trap > 5 * web, kind
 
 
 def test_night_images_are_grayscale(tiny_world):
