@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("embedded world (a procedural stand-in, not iWildCam) and tiny CLIP, seed %d", args.seed)
         base = _compose("final", [*common, f"output_dir={out}"])
-        dataset_root(base), resolve_pretrained(base)  # generate / pretrain once; cached afterwards
+        dataset_root(base)  # generate the world once; cached afterwards
+        resolve_pretrained(base)  # pretrain the tiny CLIP once; cached afterwards
         best_file = search(out, args.seed, args.trials, [*common, *args.search_override])
         params = load_best_params(str(best_file))
         t_search = time.time() - t0
