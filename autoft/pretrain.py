@@ -9,8 +9,6 @@ hash of the world and pretraining configs, so each configuration is trained exac
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -23,7 +21,7 @@ import torch
 
 from autoft import atomic_write
 from autoft.model import load_clip
-from autoft.world import WorldConfig, cache_dir, generate_web
+from autoft.world import WorldConfig, cache_dir, config_hash, generate_web
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +38,7 @@ class PretrainConfig:
     seed: int = 0
 
     def key(self, world: WorldConfig) -> str:
-        blob = json.dumps({"pretrain": asdict(self), "web": world.web_key()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return config_hash({"pretrain": asdict(self), "web": world.web_key()})
 
 
 def checkpoint_path(world: WorldConfig, cfg: PretrainConfig) -> Path:

@@ -52,7 +52,8 @@ GROUND_COLOURS = {
 TEXTURES = ("grass", "rock", "sand", "leaf")
 
 
-def _hash(obj) -> str:
+def config_hash(obj) -> str:
+    """Short stable hash of a JSON-able config: the name of its cache entry."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -114,12 +115,12 @@ class WorldConfig:
 
     def key(self) -> str:
         """Hash of everything: keys the generated camera-trap dataset."""
-        return _hash(asdict(self))
+        return config_hash(asdict(self))
 
     def web_key(self) -> str:
         """Hash of what the web set depends on: keys the pretrained model, so changing the
         camera-trap splits does not retrain it."""
-        return _hash({k: getattr(self, k) for k in ("seed", "web", "species", "version")})
+        return config_hash({k: getattr(self, k) for k in ("seed", "web", "species", "version")})
 
     @classmethod
     def from_dict(cls, given: dict) -> WorldConfig:
