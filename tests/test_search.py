@@ -74,6 +74,10 @@ def test_search_writes_best_params_and_counts_trials(searched):
     assert 1e-6 <= best["best_params"]["optim.lr"] <= 1e-2
     for t in study.trials:  # every trial reported its OOD validation metric through the storage
         assert t.intermediate_values and t.user_attrs["inner_steps"] == 4
+        # ... and logged an offline W&B run of its own, grouped by study, named after the trial, with its params
+        record = next((searched / str(t.number) / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+        assert b"autoft-embedded-seed0" in record and f"trial-{t.number}".encode() in record
+        assert b"objective.weights.hinge" in record
 
 
 def test_same_seed_same_trials(searched, tmp_path):
