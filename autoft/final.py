@@ -82,7 +82,7 @@ def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path, **wandb_
     ``wandb_run`` (group, name) places the run beside its study's trials in W&B."""
     cfg = apply_params(cfg, params)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, data, _, _ = build(cfg)
+    model, data = build(cfg)
     zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metric = cfg.dataset.metric
     best_ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best-{epoch}", monitor=f"val_id/{metric}",

@@ -154,8 +154,8 @@ def dataset_root(cfg: DictConfig) -> str:
     return root
 
 
-def build(cfg: DictConfig) -> tuple[CLIPClassifier, WildsDataModule, Any, Any]:
-    """Model, data and transforms from a composed config."""
+def build(cfg: DictConfig) -> tuple[CLIPClassifier, WildsDataModule]:
+    """Model and data from a composed config (the data module holds the model's transforms)."""
     root = dataset_root(cfg)  # first: a bad path fails before minutes of pretraining
     clip, train_tf, eval_tf, tokenizer = load_clip(cfg.model.name, resolve_pretrained(cfg))
     d = cfg.dataset
@@ -165,7 +165,7 @@ def build(cfg: DictConfig) -> tuple[CLIPClassifier, WildsDataModule, Any, Any]:
                            subset_seed=d.subset_seed, class_names=d.get("class_names"))
     model = CLIPClassifier(clip, tokenizer, data.class_names, list(d.templates),
                            train_text=cfg.model.train_text)
-    return model, data, train_tf, eval_tf
+    return model, data
 
 
 def make_trainer(cfg: DictConfig, logger=None, **overrides) -> pl.Trainer:
@@ -251,7 +251,7 @@ def run(cfg: DictConfig) -> float | list[float]:
     from hydra_plugins.autoft_optuna_sweeper import trial_from_config
 
     trial = trial_from_config(cfg)
-    model, data, _, _ = build(cfg)
+    model, data = build(cfg)
     logger = make_logger(cfg, trial)
     key = f"val_ood/{cfg.dataset.metric}"
     callbacks = [OptunaPruning(trial, key)] if trial is not None else []

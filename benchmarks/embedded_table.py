@@ -33,7 +33,7 @@ def one_seed(seed: int, overrides: list[str], alpha: float, out: Path) -> dict[s
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=[*common, *overrides])
         robust = compose("finetune", overrides=[*common, "objective=robust", *overrides])
-    model, data, _, _ = build(cfg)  # generates the world and pretrains the tiny CLIP once per seed
+    model, data = build(cfg)  # generates the world and pretrains the tiny CLIP once per seed
 
     def scores(results: dict[str, float]) -> dict[str, float]:
         return {"id": results[f"test_id/{METRIC}"], "ood": results[f"test_ood/{METRIC}"]}

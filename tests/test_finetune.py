@@ -42,7 +42,7 @@ def test_run_logs_every_prefix_and_returns_the_ood_metric(tmp_path):
 
 def test_step_budget_and_weights_move(tmp_path):
     cfg = _cfg(tmp_path, "trainer.max_steps=3", "test=false")
-    model, data, _, _ = build(cfg)
+    model, data = build(cfg)
     before = model.head.weight.detach().clone()
     module = finetune(cfg, model, data)
     assert module.trainer.global_step == 3
@@ -52,7 +52,7 @@ def test_step_budget_and_weights_move(tmp_path):
 
 def test_zero_lr_leaves_the_model_and_zero_shot_eval_agrees(tmp_path):
     cfg = _cfg(tmp_path, "optim.lr=0.0", "optim.weight_decay=0.0", "test=false")
-    model, data, _, _ = build(cfg)
+    model, data = build(cfg)
     zero_shot = evaluate(cfg, model, data)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     finetune(cfg, model, data)
@@ -62,7 +62,7 @@ def test_zero_lr_leaves_the_model_and_zero_shot_eval_agrees(tmp_path):
 
 def test_cosine_schedule_warms_up_then_decays(tmp_path):
     cfg = _cfg(tmp_path, "trainer.max_steps=10", "optim.schedule=cosine", "optim.warmup_steps=2", "test=false")
-    model, data, _, _ = build(cfg)
+    model, data = build(cfg)
     lrs = []
 
     class Spy(FineTuner):
