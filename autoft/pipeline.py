@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 from hydra import compose, initialize_config_dir
 
-from autoft import UserError
+from autoft import UserError, atomic_write
 from autoft.final import final_train, load_best_params
 from autoft.finetune import CONF_DIR, dataset_root, resolve_pretrained
 
@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         base = _compose("final", [*common, f"output_dir={out}"])
         dataset_root(base)  # generate the world once; cached afterwards
         resolve_pretrained(base)  # pretrain the tiny CLIP once; cached afterwards
+        t_search = time.time()
         best_file = search(out, args.seed, args.trials, [*common, *args.search_override])
         params = load_best_params(str(best_file))
-        t_search = time.time() - t0
+        t_search = time.time() - t_search
         final = [f"trainer.max_epochs={args.epochs}", "optim.warmup_steps=20", f"seed={args.seed}", *common]
         log.info("final training with the best objective: %s", params)
         group = f"autoft-embedded-seed{args.seed}"
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         log_report_to_wandb(out, group, rows, written)
     print((out / "results.md").read_text())
     log.info("report: %s (%.0f s in all)", ", ".join(str(p) for p in written.values()), time.time() - t0)
-    (out / "timing.json").write_text(json.dumps({"total_s": time.time() - t0, "search_s": t_search}))
+    atomic_write(out / "timing.json", json.dumps({"total_s": time.time() - t0, "search_s": t_search}))
     return 0
 
 
