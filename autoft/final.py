@@ -98,8 +98,9 @@ def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path, **wandb_
         wise.append({"alpha": float(alpha), "id": res[f"test_id/{metric}"], "ood": res[f"test_ood/{metric}"]})
         log.info("WiSE-FT alpha %.2f: ID %.4f OOD %.4f", alpha, wise[-1]["id"], wise[-1]["ood"])
     model.load_state_dict(tuned)
-    summary = {"params": params, "results": module.results, "wise": wise,
-               "best_checkpoint": best_ckpt.best_model_path, "best_epoch_metric": float(best_ckpt.best_model_score)}
+    score = best_ckpt.best_model_score  # None when the budget ended before any validation
+    summary = {"params": params, "results": module.results, "wise": wise, "best_checkpoint": best_ckpt.best_model_path,
+               "best_epoch_metric": None if score is None else float(score)}
     if logger is not None:
         logger.log_metrics({f"wise/{w['alpha']}/{k}": w[k] for w in wise for k in ("id", "ood")})
     finish_logger(logger, module.results)

@@ -153,3 +153,22 @@ def test_multi_objective_search_reports_a_pareto_front(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     front = yaml.safe_load((sweep / "best_params.yaml").read_text())["pareto_front"]
     assert front and all(len(t["values"]) == 2 for t in front)
+
+
+def test_main_job_end_to_end_writes_the_report(tmp_path):
+    """`make run`'s pipeline on the tiny world: search, final trainings, WiSE-FT, report files."""
+    out = tmp_path / "main"
+    argv = ["--trials", "2", "--epochs", "1", "--out", str(out), "--search-override", "search.inner_steps=4",
+            "--search-override", "search.eval_every=2", *overrides(), "logger=csv"]
+    proc = subprocess.run([sys.executable, "-m", "autoft.pipeline", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == {"zero-shot", "fine-tuning (ce)", "FT + WiSE-FT (alpha 0.5)", "AutoFT",
+                                      "AutoFT + WiSE-FT (alpha 0.5)"}
+    assert report["best"]["trials"] == 2 and "optim.lr" in report["best"]["params"]
+    # zero-shot is the alpha-0 end of the plain fine-tuning's WiSE-FT curve
+    assert report["results"]["zero-shot"]["ood"] == report["wise"]["FT + WiSE-FT"][0]["ood"]
+    for name in ("results.md", "effective_robustness.png", "optimization_history.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "AutoFT + WiSE-FT (alpha 0.5)" in (out / "results.md").read_text()
