@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every load at INFO on the root logger
-    log.setLevel(logging.INFO)
+    for name in ("autoft", log.name):  # keep pretraining progress and our timings visible
+        logging.getLogger(name).setLevel(logging.INFO)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
