@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import optuna
+import yaml
 from hydra import compose, initialize_config_dir
 
 from autoft import UserError, atomic_write
@@ -72,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         t_search = time.time()
         best_file = search(out, args.seed, args.trials, [*common, *args.search_override])
         params = load_best_params(str(best_file))
+        study_name = yaml.safe_load(best_file.read_text())["study_name"]  # whatever the search config named it
         t_search = time.time() - t_search
         final = [f"trainer.max_epochs={args.epochs}", "optim.warmup_steps=20", f"seed={args.seed}", *common]
         log.info("final training with the best objective: %s", params)
-        group = f"autoft-embedded-seed{args.seed}"
+        group = study_name  # final runs sit beside their study's trials in W&B
         autoft = final_train(_compose("final", [*final, f"output_dir={out / 'autoft'}"]), params, out / "autoft",
                              group=group, name="final-autoft")
         log.info("plain fine-tuning (ce) at the same budget")
@@ -85,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = _rows(plain, autoft, args.alpha)
-    study = optuna.load_study(study_name=f"autoft-embedded-seed{args.seed}",
-                              storage=f"sqlite:///{out / 'search' / 'optuna.db'}")
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'search' / 'optuna.db'}")
     best = {"params": params, "value": study.best_value if len(study.directions) == 1 else None,
             "search_seconds": round(t_search), "trials": len(study.trials)}
     wise = {"AutoFT + WiSE-FT": autoft["wise"], "FT + WiSE-FT": plain["wise"]}
