@@ -1,13 +1,23 @@
-"""Datasets as Lightning data modules, built on the datasets' own loaders.
+"""WILDS datasets as Lightning data modules, built on the datasets' own loaders; seeded subsets.
 
 WILDS datasets go through ``wilds.get_dataset(..., download=False)``, its subsets, its
 ``get_train_loader``/``get_eval_loader`` and its ``dataset.eval`` metrics, so the numbers are
 the benchmark's own. Training uses the model's augmenting transform; every evaluation split
-uses the eval transform.
+uses the eval transform. Before wilds reads a folder, the metadata it relies on is checked, so a
+malformed dataset is one line naming the file and field instead of an assertion deep in wilds.
+
+Two known wilds 2.0.0 traps are fixed here, once, at import:
+* ``avg_over_groups`` (FMoW's per-region and per-year accuracy) imports ``torch_scatter``, which
+  wilds does not declare and which only builds from source; without it, a pure-torch equivalent
+  (``index_add_`` over groups, same values: a group's mean, 0 for an empty group) is used.
+* FMoW's timestamps mix second and millisecond precision; pandas >= 2 refuses to parse them with
+  one inferred format (p-lambda/wilds#146). wilds' FMoW module gets a pandas whose
+  ``to_datetime`` defaults to ISO 8601.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +33,20 @@ from autoft import UserError
 # loader name -> WILDS split. "val_ood" is the (small) OOD validation set the search scores on.
 EVAL_SPLITS = {"val_id": "id_val", "val_ood": "val", "test_id": "id_test", "test_ood": "test"}
 WILDS_FOLDERS = {"iwildcam": "iwildcam_v2.0", "fmow": "fmow_v1.1"}
+WILDS_SPLITS = ("train", "id_val", "id_test", "val", "test")
+
+
+class MissingData(UserError):
+    """A file or folder the dataset needs is not there (the data checker reports it as missing)."""
+
+
+def _class_ranks(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each example's position in its class's random order, plus a jitter in [0, 0.5) that interleaves classes."""
+    rank = np.empty(len(labels))
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for members in by_class:
+        rank[members] = np.arange(len(members)) + rng.random(len(members)) * 0.5
+    return rank
 
 
 def subsample(labels: np.ndarray, size: int | None, balanced: bool, seed: int) -> np.ndarray:
@@ -37,23 +61,85 @@ def subsample(labels: np.ndarray, size: int | None, balanced: bool, seed: int) -
         return np.arange(n)
     if not balanced:
         return np.sort(rng.permutation(n)[:size])
-    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    rank = np.empty(n)  # position of each example in its class's random order
-    for members in by_class:
-        rank[members] = np.arange(len(members)) + rng.random(len(members)) * 0.5
-    return np.sort(np.argsort(rank, kind="stable")[:size])
+    return np.sort(np.argsort(_class_ranks(labels, rng), kind="stable")[:size])
+
+
+def k_shot(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Positions of a seeded k-shot set: ``k`` random examples of every class (all of a smaller class).
+
+    The same draw as :func:`subsample` balanced to ``k * K`` examples when every class has ``k``:
+    a class's first k in its random order.
+    """
+    if k < 1:
+        raise UserError(f"shots must be a positive number of examples per class, got {k}")
+    return np.flatnonzero(_class_ranks(labels, np.random.default_rng(seed)) < k)
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Seeded class-stratified split into parts of the given fractions (each class cut the same way)."""
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
+        raise UserError(f"split fractions must be positive and sum to 1, got {list(fractions)}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cuts = np.round(np.cumsum(fractions)[:-1] * len(members)).astype(int)
+        for part, chunk in zip(parts, np.split(members, cuts), strict=True):
+            part.append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _avg_over_groups(v: torch.Tensor, g: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """wilds' ``avg_over_groups`` without torch_scatter: per-group mean of ``v`` (0 where a group is empty)."""
+    from wilds.common.utils import get_counts
+
+    counts = get_counts(g, n_groups)
+    sums = torch.zeros(n_groups, dtype=v.dtype, device=v.device).index_add_(0, g, v)
+    return sums / counts.clamp(min=1).to(v.dtype), counts
+
+
+class _ISO8601Pandas:
+    """pandas as wilds' FMoW module sees it: ``to_datetime`` parses ISO 8601 of mixed precision."""
+
+    def __getattr__(self, name: str):
+        return getattr(pd, name)
+
+    @staticmethod
+    def to_datetime(arg, **kwargs):
+        return pd.to_datetime(arg, **({"format": "ISO8601"} | kwargs))
+
+
+def _patch_wilds() -> None:
+    import wilds.common.metrics.metric as metric
+    import wilds.datasets.fmow_dataset as fmow
+
+    try:
+        import torch_scatter  # noqa: F401
+    except ImportError:
+        metric.avg_over_groups = _avg_over_groups
+    fmow.pd = _ISO8601Pandas()
+
+
+_patch_wilds()
 
 
 def class_names_from(folder: Path) -> list[str]:
     """Class names from the dataset's ``categories.csv`` (columns ``y`` and ``name``)."""
     path = folder / "categories.csv"
     if not path.is_file():
-        raise UserError(f"{path} not found: class names are needed for the zero-shot head "
-                        f"(or set dataset.class_names)")
+        raise MissingData(f"{path} not found: class names are needed for the zero-shot head "
+                          f"(or set dataset.class_names)")
     df = pd.read_csv(path)
     if not {"y", "name"} <= set(df.columns):
         raise UserError(f"{path}: expected columns 'y' and 'name', found {list(df.columns)}")
     return [str(n) for n in df.sort_values("y")["name"]]
+
+
+def fmow_class_names() -> list[str]:
+    """FMoW's 62 categories, in wilds' label order, as words ("airport_hangar" -> "airport hangar")."""
+    from wilds.datasets.fmow_dataset import categories
+
+    return [c.replace("_", " ") for c in categories]
 
 
 def wilds_folder(name: str, root: str | Path) -> Path:
@@ -62,30 +148,192 @@ def wilds_folder(name: str, root: str | Path) -> Path:
         raise UserError(f"unknown WILDS dataset '{name}'; known: {', '.join(WILDS_FOLDERS)}")
     folder = Path(root) / WILDS_FOLDERS[name]
     if not folder.is_dir():
-        raise UserError(f"{name}: data folder {folder} does not exist (set dataset.root "
-                        f"to the folder that holds {WILDS_FOLDERS[name]}/)")
+        raise MissingData(f"{name}: data folder {folder} does not exist (set dataset.root "
+                          f"to the folder that holds {WILDS_FOLDERS[name]}/)")
     return folder
 
 
+def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise MissingData(f"{path} not found")
+    df = pd.read_csv(path)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; expected {list(columns)}, found {list(df.columns)}")
+    return df
+
+
+def _integers(df: pd.DataFrame, column: str, path: Path, contiguous: bool) -> np.ndarray:
+    """A column of non-negative integers; ``contiguous``: every value 0..max is used (wilds asserts it)."""
+    values = pd.to_numeric(df[column], errors="coerce")
+    if values.isna().any() or (values % 1 != 0).any() or (values < 0).any():
+        bad = df[column][values.isna() | (values % 1 != 0) | (values < 0)].iloc[0]
+        raise UserError(f"{path}: column '{column}' must hold non-negative integers, found {bad!r}")
+    values = values.to_numpy(dtype=np.int64)
+    if contiguous and len(values) and len(np.unique(values)) != values.max() + 1:
+        gaps = sorted(set(range(values.max() + 1)) - set(values.tolist()))[:5]
+        raise UserError(f"{path}: column '{column}' must use every value 0..{values.max()} (wilds requires it); "
+                        f"missing {gaps}")
+    return values
+
+
+def _first_missing_image(paths: Sequence[Path], what: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MissingData(f"{what}: image file missing: {missing[0]}{more}")
+
+
+def _split_rows(name: str, splits: dict[str, np.ndarray], path: Path, images: Callable[[np.ndarray], list[Path]],
+                split: str) -> str:
+    rows = splits[split]
+    if not len(rows):
+        raise MissingData(f"{path}: split '{split}' has no rows")
+    _first_missing_image(images(rows), f"{name} split '{split}'")
+    return f"{len(rows)} examples"
+
+
+def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str, Callable[[], str]]:
+    """What wilds' iWildCam v2.0 reader relies on, each a check that returns a summary or raises one clear line."""
+    path = folder / "metadata.csv"
+    cache: dict[str, dict[str, np.ndarray]] = {}
+    names = list(class_names or [])
+
+    def categories() -> str:
+        names.extend(class_names_from(folder))
+        return f"{len(names)} class names"
+
+    def metadata() -> str:
+        df = _read_csv(path, ["split", "filename", "y", "location_remapped", "sequence_remapped", "datetime"])
+        bad = sorted(set(df["split"].astype(str)) - set(WILDS_SPLITS))
+        if bad:
+            raise UserError(f"{path}: column 'split' has unknown value(s) {bad}; expected {list(WILDS_SPLITS)}")
+        y = _integers(df, "y", path, contiguous=False)
+        if names and len(y) and y.max() >= len(names):
+            raise UserError(f"{path}: column 'y' has label {y.max()} out of range 0..{len(names) - 1} "
+                            f"({len(names)} class names)")
+        _integers(df, "y", path, contiguous=True)
+        for column in ("location_remapped", "sequence_remapped"):
+            _integers(df, column, path, contiguous=True)
+        try:
+            df["datetime"].astype(str).map(lambda t: datetime.datetime.strptime(t, "%Y-%m-%d %H:%M:%S.%f"))
+        except ValueError as e:
+            raise UserError(f"{path}: column 'datetime' must read as YYYY-MM-DD hh:mm:ss.ffffff: {e}") from None
+        cache["files"] = {"all": df["filename"].astype(str).to_numpy()}
+        cache["splits"] = {s: np.flatnonzero(df["split"].to_numpy() == s) for s in WILDS_SPLITS}
+        return f"{len(df)} rows, {y.max() + 1 if len(y) else 0} classes"
+
+    def images(rows: np.ndarray) -> list[Path]:
+        return [folder / "train" / f for f in cache["files"]["all"][rows]]
+
+    checks: dict[str, Callable[[], str]] = {"RELEASE_v2.0.txt": lambda: present(folder / "RELEASE_v2.0.txt")}
+    if not class_names:
+        checks["categories.csv"] = categories
+    checks["metadata.csv"] = metadata
+    for split in WILDS_SPLITS:
+        checks[f"split {split}"] = lambda s=split: _split_rows("iwildcam", cache["splits"], path, images, s)
+    return checks
+
+
+def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
+    """What wilds' FMoW v1.1 reader relies on (default split scheme: OOD years from 2013, test from 2016)."""
+    from wilds.datasets.fmow_dataset import categories
+
+    path = folder / "rgb_metadata.csv"
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def metadata() -> str:
+        df = _read_csv(path, ["split", "category", "country_code", "timestamp"])
+        bad = sorted(set(df["split"].astype(str)) - {"train", "val", "test", "seq"})
+        if bad:
+            raise UserError(f"{path}: column 'split' has unknown value(s) {bad}; expected train, val, test, seq")
+        unknown = sorted(set(df["category"].astype(str)) - set(categories))
+        if unknown:
+            raise UserError(f"{path}: column 'category' has label(s) {unknown[:3]} outside FMoW's 62 categories")
+        try:
+            ts = pd.to_datetime(df["timestamp"], format="ISO8601")
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{path}: column 'timestamp' must be ISO 8601 with a timezone: {e}") from None
+        if ts.dt.tz is None:
+            raise UserError(f"{path}: column 'timestamp' needs a timezone (e.g. 2016-03-01T10:00:00Z), "
+                            f"found {df['timestamp'].iloc[0]!r}")
+        year = ts.dt.year.to_numpy()
+        if len(year) and (year.min() < 2002 or year.max() > 2017):
+            raise UserError(f"{path}: column 'timestamp' has years outside 2002..2017, which wilds cannot group")
+        split = df["split"].to_numpy()
+        ood_val, ood_test = (year >= 2013) & (year < 2016), year >= 2016
+        cache["splits"] = {
+            "train": np.flatnonzero((split == "train") & (year < 2013)),
+            "id_val": np.flatnonzero((split == "val") & (year < 2013)),
+            "id_test": np.flatnonzero((split == "test") & (year < 2013)),
+            "val": np.flatnonzero((split == "val") & ood_val),
+            "test": np.flatnonzero((split == "test") & ood_test),
+        }
+        return f"{len(df)} rows"
+
+    def regions() -> str:
+        df = _read_csv(folder / "country_code_mapping.csv", ["alpha-3", "region"])
+        return f"{df['region'].nunique()} regions"
+
+    def images(rows: np.ndarray) -> list[Path]:
+        return [folder / "images" / f"rgb_img_{i}.png" for i in rows]
+
+    checks: dict[str, Callable[[], str]] = {
+        "RELEASE_v1.1.txt": lambda: present(folder / "RELEASE_v1.1.txt"),
+        "rgb_metadata.csv": metadata,
+        "country_code_mapping.csv": regions,
+    }
+    for split in WILDS_SPLITS:
+        checks[f"split {split}"] = lambda s=split: _split_rows("fmow", cache["splits"], path, images, s)
+    return checks
+
+
+def present(path: Path) -> str:
+    """"present" if ``path`` exists, else :class:`MissingData` naming it."""
+    if not path.exists():
+        raise MissingData(f"{path} not found")
+    return "present"
+
+
+def wilds_checks(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> dict[str, Callable[[], str]]:
+    """Every check of one WILDS dataset folder, in order (later checks use what earlier ones read)."""
+    folder = wilds_folder(name, root)
+    return fmow_checks(folder) if name == "fmow" else iwildcam_checks(folder, class_names)
+
+
 class WildsDataModule(pl.LightningDataModule):
-    """Train / ID-val / OOD-val / ID-test / OOD-test loaders for one WILDS dataset."""
+    """Train / ID-val / OOD-val / ID-test / OOD-test loaders for one WILDS dataset.
+
+    ``shots``: train on a seeded k-shot subset (k examples per class) instead of the whole train split.
+    """
 
     def __init__(self, name: str, root: str | Path, train_transform: Callable, eval_transform: Callable,
                  batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0,
                  ood_val_size: int | None = None, ood_val_balanced: bool = False, subset_seed: int = 0,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, shots: int | None = None):
         super().__init__()
         self.folder = wilds_folder(name, root)
+        for check in wilds_checks(name, root, class_names).values():
+            check()
         import wilds
 
         try:
             self.dataset = wilds.get_dataset(name, root_dir=str(root), download=False)
-        except (FileNotFoundError, KeyError, ValueError, AssertionError) as e:
+        except (FileNotFoundError, KeyError, ValueError, TypeError, AssertionError) as e:
             raise UserError(f"{name}: cannot read {self.folder}: {type(e).__name__}: {e}") from None
-        self.class_names = list(class_names) if class_names else class_names_from(self.folder)
+        if class_names:
+            self.class_names = list(class_names)
+        else:
+            self.class_names = fmow_class_names() if name == "fmow" else class_names_from(self.folder)
+        if len(self.class_names) < self.dataset.n_classes:
+            raise UserError(f"{name}: {len(self.class_names)} class names for {self.dataset.n_classes} classes")
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.subsets = {"train": self.dataset.get_subset("train", transform=train_transform)}
+        train = self.dataset.get_subset("train", transform=train_transform)
+        if shots:
+            train = WILDSSubset(self.dataset, train.indices[k_shot(train.y_array.numpy(), shots, subset_seed)],
+                                train_transform)
+        self.subsets = {"train": train}
         for key, split in EVAL_SPLITS.items():
             subset = self.dataset.get_subset(split, transform=eval_transform)
             if key == "val_ood":
@@ -100,9 +348,9 @@ class WildsDataModule(pl.LightningDataModule):
         return {k: float(v) for k, v in results.items()}
 
     def train_dataloader(self):
-        return get_train_loader("standard", self.subsets["train"], batch_size=self.batch_size,
-                                num_workers=self.num_workers, drop_last=True,
-                                persistent_workers=self.num_workers > 0)
+        train = self.subsets["train"]  # a k-shot set can be smaller than one batch: keep it
+        return get_train_loader("standard", train, batch_size=self.batch_size, num_workers=self.num_workers,
+                                drop_last=len(train) > self.batch_size, persistent_workers=self.num_workers > 0)
 
     def _eval(self, keys: Sequence[str]):
         return [get_eval_loader("standard", self.subsets[k], batch_size=self.eval_batch_size,

@@ -19,12 +19,14 @@ import hydra
 import optuna
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from autoft import UserError, atomic_write
-from autoft.data import WildsDataModule, wilds_folder
+from autoft.data import WildsDataModule
+from autoft.datasets import check_root, make_data, templates
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import CompositeObjective
 
@@ -65,14 +67,27 @@ class FineTuner(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in terms.items()})
         return loss
 
+    def _test_keys(self) -> tuple[str, ...]:
+        """The data module's test loader names (ImageNet has several OOD test sets), else test_id, test_ood."""
+        return tuple(getattr(self.trainer.datamodule, "test_keys", TEST_KEYS))
+
     def _collect(self, batch, dataloader_idx: int) -> None:
         x, y, meta = batch
-        self._outputs.setdefault(dataloader_idx, []).append((self.model(x).argmax(-1).cpu(), y.cpu(), meta.cpu()))
+        logits = self.model(x).float()
+        key = (self._test_keys() if self.trainer.testing else VAL_KEYS)[dataloader_idx]
+        groups = getattr(self.trainer.datamodule, "class_groups", {}).get(key)
+        if groups is not None:  # labels are groups of the model's classes (ImageNet-R/-A, ObjectNet): max-pool
+            logits = logits[:, groups.to(logits.device)].amax(-1)
+        ce = F.cross_entropy(logits, y, reduction="sum")
+        self._outputs.setdefault(dataloader_idx, []).append((logits.argmax(-1).cpu(), y.cpu(), meta.cpu(), ce.cpu()))
 
     def _report(self, keys: tuple[str, ...]) -> None:
+        """Each loader's metrics: the dataset's own, plus ``neg_ce`` (the few-shot search objective)."""
         for idx, key in enumerate(keys):
-            preds, ys, metas = (torch.cat(t) for t in zip(*self._outputs.pop(idx, []), strict=True))
-            metrics = {f"{key}/{k}": v for k, v in self.evaluate(preds, ys, metas).items()}
+            preds, ys, metas, ces = zip(*self._outputs.pop(idx, []), strict=True)
+            preds, ys, metas = torch.cat(preds), torch.cat(ys), torch.cat(metas)
+            metrics = self.evaluate(preds, ys, metas) | {"neg_ce": -torch.stack(ces).sum().item() / len(ys)}
+            metrics = {f"{key}/{k}": v for k, v in metrics.items()}
             self.results.update(metrics)
             self.log_dict(metrics, add_dataloader_idx=False)
 
@@ -86,7 +101,14 @@ class FineTuner(pl.LightningModule):
         self._collect(batch, dataloader_idx)
 
     def on_test_epoch_end(self):
-        self._report(TEST_KEYS)
+        keys = self._test_keys()
+        self._report(keys)
+        if keys[1:] and keys[1:] != ("test_ood",):  # named OOD test sets (ImageNet shifts): test_ood is their mean
+            names = [{m.split("/", 1)[1] for m in self.results if m.startswith(f"{k}/")} for k in keys[1:]]
+            mean = {f"test_ood/{m}": sum(self.results[f"{k}/{m}"] for k in keys[1:]) / len(keys[1:])
+                    for m in set.intersection(*names)}
+            self.results.update(mean)
+            self.log_dict(mean)
 
     def configure_optimizers(self):
         params = [p for _, p in self.model.trainable()]
@@ -150,20 +172,16 @@ def dataset_root(cfg: DictConfig) -> str:
     root = cfg.dataset.root or os.environ.get("AUTOFT_DATA")
     if not root:
         raise UserError(f"no data root for dataset '{cfg.dataset.name}': set dataset.root=... or AUTOFT_DATA")
-    wilds_folder(cfg.dataset.name, root)
+    check_root(cfg.dataset, root)
     return root
 
 
-def build(cfg: DictConfig) -> tuple[CLIPClassifier, WildsDataModule]:
+def build(cfg: DictConfig) -> tuple[CLIPClassifier, pl.LightningDataModule]:
     """Model and data from a composed config (the data module holds the model's transforms)."""
     root = dataset_root(cfg)  # first: a bad path fails before minutes of pretraining
     clip, train_tf, eval_tf, tokenizer = load_clip(cfg.model.name, resolve_pretrained(cfg))
-    d = cfg.dataset
-    data = WildsDataModule(d.name, root, train_tf, eval_tf, batch_size=d.batch_size,
-                           eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
-                           ood_val_size=d.ood_val_size, ood_val_balanced=d.ood_val_balanced,
-                           subset_seed=d.subset_seed, class_names=d.get("class_names"))
-    model = CLIPClassifier(clip, tokenizer, data.class_names, list(d.templates),
+    data = make_data(cfg.dataset, root, train_tf, eval_tf)
+    model = CLIPClassifier(clip, tokenizer, data.class_names, templates(cfg.dataset.templates),
                            train_text=cfg.model.train_text)
     return model, data
 
@@ -253,14 +271,15 @@ def run(cfg: DictConfig) -> float | list[float]:
     trial = trial_from_config(cfg)
     model, data = build(cfg)
     logger = make_logger(cfg, trial)
-    key = f"val_ood/{cfg.dataset.metric}"
+    metric = cfg.dataset.get("search_metric") or cfg.dataset.metric  # few-shot: neg_ce (accuracy is too coarse)
+    key = f"val_ood/{metric}"
     callbacks = [OptunaPruning(trial, key)] if trial is not None else []
     module = finetune(cfg, model, data, logger, callbacks)
     finish_logger(logger, module.results)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", json.dumps(module.results, indent=1, sort_keys=True))
-    keys = [f"{split}/{cfg.dataset.metric}" for split in cfg.returns]
+    keys = [f"{split}/{metric}" for split in cfg.returns]
     missing = [k for k in keys if k not in module.results]
     if missing:
         raise UserError(f"metric(s) {missing} not produced; available: {sorted(module.results)}")
