@@ -63,6 +63,8 @@ class FineTuner(pl.LightningModule):
         logits = self.model.head(feats)
         text = self.model.caption_features(y) if self.objective.needs_text else None
         loss, terms = self.objective(logits, y, feats, text, self.model.logit_scale)
+        if not torch.isfinite(loss):  # diverged: the sweeper prunes the trial with this reason and goes on
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()})
         return loss

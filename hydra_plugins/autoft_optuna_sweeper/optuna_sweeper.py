@@ -3,15 +3,27 @@
 The released hydra-optuna-sweeper pins optuna<3, so this keeps its search-space syntax and adds what a
 long search needs: a persistent study that a re-run finishes instead of restarting, recovery of trials
 left RUNNING by a dead process, warm starts from another study, and real pruning from inside jobs.
+
+Reliability: a job that raises fails (or, diverged, prunes) its own trial with the reason in the trial's ``error``
+user attr and the search goes on, until more than ``max_failure_rate`` of this run's trials failed; bad input (an
+invalid space, a study holding another space, an unreachable storage, a job's ``autoft.UserError``) ends the command
+with one ``error:`` line and exit code 2 before anything already written is touched. Several sweeper processes (on
+several machines, against one PostgreSQL database) can run the same command: a lock held around "count, then ask"
+makes them share the study without overshooting ``n_trials``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
+import gc
+import hashlib
 import logging
 import math
 import os
+import socket
+import sys
 import threading
 import time
 import warnings
@@ -22,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -35,12 +48,23 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from autoft import UserError, atomic_write
+
 log = logging.getLogger(__name__)
 
 # Study user attr holding the pruner spec, so trial_from_config can rebuild the same pruner in any process.
 PRUNER_ATTR = "autoft_pruner"
-# Trial user attr with the reason a job failed; it also marks the FAILs that count towards n_trials.
+# Trial user attr with the reason a job failed or diverged; it also marks the FAILs that count towards n_trials.
 ERROR_ATTR = "error"
+# Trial user attr with the bad-input error that ended the command (FAIL, not counted: a fixed re-run runs it again).
+ABORT_ATTR = "aborted"
+# Trial user attr naming the sweeper process (host:pid) that asked the trial.
+WORKER_ATTR = "worker"
+# Study user attr holding the search space the study was created with (param -> distribution JSON).
+SPACE_ATTR = "autoft_space"
+# Exceptions a job raises when its run diverged (a non-finite loss): the trial is PRUNED, with the reason, so that
+# TPE ranks it among the bad trials (it ignores FAILs and would sample the divergent region again).
+DIVERGED: tuple[type[BaseException], ...] = (FloatingPointError,)
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
@@ -111,6 +135,10 @@ class AutoftOptunaSweeperConf:
     heartbeat_interval: int = 60
     # Seconds without heartbeat before a RUNNING trial is failed as stale; None means 2 * heartbeat_interval.
     grace_period: int | None = None
+    # End the search (exit 2) once more than this fraction of this run's trials failed or diverged ...
+    max_failure_rate: float = 0.5
+    # ... counted from this many trials of this run on (1.0 never ends it).
+    failure_rate_min_trials: int = 5
 
 
 ConfigStore.instance().store(
@@ -133,7 +161,7 @@ def _parser() -> OverridesParser:
     return OverridesParser.create()
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException | str) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
@@ -298,11 +326,12 @@ def _heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> Ite
         thread.join()
 
 
-def _n_counted(study: optuna.Study) -> int:
+def _n_counted(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial] | None = None) -> int:
     """Trials that use up the budget: COMPLETE, PRUNED, and the FAILs this sweeper recorded (they carry
-    ``error``). Stale trials failed by the heartbeat carry none: they are retried, not counted."""
+    ``error``). Stale trials failed by the heartbeat carry none: they are retried, not counted; nor are the
+    trials that bad input aborted (they carry ``aborted``)."""
     budget = (TrialState.COMPLETE, TrialState.PRUNED)
-    trials = study.get_trials(deepcopy=False)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     return sum(t.state in budget or (t.state == TrialState.FAIL and ERROR_ATTR in t.user_attrs) for t in trials)
 
 
@@ -320,11 +349,113 @@ def _objective_values(result: Any, n_objectives: int) -> tuple[list[float] | Non
     return values, None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers never see a half-written file, even if the sweep is killed mid-write."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class SweepError(Exception):
+    """Bad input or a search that cannot go on: the command ends with this one line and exit code 2."""
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL without its password, for logs and error lines."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _space_json(space: dict[str, BaseDistribution]) -> dict[str, str]:
+    return {name: optuna.distributions.distribution_to_json(d) for name, d in sorted(space.items())}
+
+
+def _space_text(distribution: BaseDistribution) -> str:
+    """A distribution in a few characters, for one-line errors."""
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice{tuple(distribution.choices)}"
+    text = f"[{distribution.low}, {distribution.high}]"
+    if distribution.log:
+        text += " log"
+    if distribution.step is not None and (isinstance(distribution, FloatDistribution) or distribution.step != 1):
+        text += f" step {distribution.step}"
+    return ("int" if isinstance(distribution, IntDistribution) else "float") + text
+
+
+def _space_diff(stored: dict[str, str], configured: dict[str, str]) -> str:
+    load = optuna.distributions.json_to_distribution
+    parts = [f"{n} {_space_text(load(stored[n]))} now {_space_text(load(configured[n]))}"
+             for n in sorted(stored.keys() & configured.keys()) if stored[n] != configured[n]]
+    parts += [f"{n} no longer searched" for n in sorted(stored.keys() - configured.keys())]
+    parts += [f"{n} not searched before" for n in sorted(configured.keys() - stored.keys())]
+    return "; ".join(parts)
+
+
+class _StudyLock:
+    """A lock shared by every sweeper process of one study: creating the study and "count, then ask" must not
+    interleave, or concurrent workers would each ask the last trial and overshoot ``n_trials``.
+
+    PostgreSQL: a session advisory lock on a connection of its own; SQLite: ``flock`` on ``<db>.lock``. Both are
+    released by the OS or the server when the process dies, so kill -9 never leaves the study locked. Other
+    backends get no lock (a warning): concurrent workers may then finish up to one trial each beyond n_trials.
+    """
+
+    def __init__(self, url: str, study_name: str):
+        self.url, self.study_name = url, study_name
+        self._engine: sqlalchemy.Engine | None = None
+        self._conn: sqlalchemy.Connection | None = None
+        self._file: Any = None
+        self._key = int.from_bytes(hashlib.sha256(f"autoft:{study_name}".encode()).digest()[:8], "big", signed=True)
+        parsed = sqlalchemy.engine.make_url(url)
+        self.backend = parsed.get_backend_name()
+        file_db = self.backend == "sqlite" and parsed.database not in (None, "", ":memory:")
+        self.path = Path(parsed.database) if file_db else None
+        if self.backend not in ("postgresql", "sqlite"):
+            log.warning("no cross-process lock for %s storage: concurrent workers may overshoot n_trials", self.backend)
+
+    def __enter__(self) -> _StudyLock:
+        if self.backend == "postgresql":
+            if self._conn is None:
+                self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        elif self.path is not None:
+            import fcntl
+
+            if self._file is None:
+                self._file = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+        elif self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._engine.dispose()
+            self._conn = self._engine = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+
+def _release(returns: Sequence[JobReturn]) -> None:
+    """Drop what failed jobs still hold: an exception's traceback keeps the job's frames, so its model and
+    (after an out-of-memory error) its GPU memory alive while the next trial runs in the same process."""
+    failed = False
+    for ret in returns:
+        exc = ret._return_value if ret.status == JobStatus.FAILED else None
+        while isinstance(exc, BaseException):
+            failed = True
+            exc.__traceback__ = None
+            exc = exc.__cause__ or exc.__context__
+    torch = sys.modules.get("torch")
+    if failed and torch is not None:
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 class AutoftOptunaSweeper(Sweeper):
@@ -345,6 +476,8 @@ class AutoftOptunaSweeper(Sweeper):
         pruner: DictConfig,
         heartbeat_interval: int,
         grace_period: int | None,
+        max_failure_rate: float,
+        failure_rate_min_trials: int,
     ) -> None:
         def plain(node: Any) -> Any:
             return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -362,6 +495,11 @@ class AutoftOptunaSweeper(Sweeper):
         self.pruner = PrunerConf(**plain(pruner))
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
+        self.max_failure_rate = max_failure_rate
+        self.failure_rate_min_trials = failure_rate_min_trials
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._lock: _StudyLock | None = None
+        self._wrote_multirun = False
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -370,63 +508,55 @@ class AutoftOptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        # Optuna's own messages through Hydra's logging (stdout and the log file), not straight to stderr: stderr
+        # holds the one error line of a failed command.
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
         self.storage_url = self.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        # Job dirs are named after trial numbers (unique in the study, whichever worker runs them) unless the
+        # user set a subdir pattern of their own.
+        subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+        self.subdir_is_trial = subdir == "${hydra.job.num}"
 
     def sweep(self, arguments: list[str]) -> None:
-        space = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
-        pruner = self._check_config()
-        first = self._checked_enqueue(space) + self._warm_start_params(space)
+        try:
+            self._sweep(arguments)
+        except SweepError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+
+    def _sweep(self, arguments: list[str]) -> None:
+        try:
+            space = parse_search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+            pruner = self._check_config()
+            first = self._checked_enqueue(space) + self._warm_start_params(space)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
         # Compose one job config from in-space values now, so a key missing from the config fails before any write.
         dists = space.distributions
         probe = {n: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low for n, d in dists.items()}
-        self.validate_batch_is_legal([self._job_overrides(space, probe, trial_id=0)])
+        self.validate_batch_is_legal([self._job_overrides(space, probe, trial_id=0, number=0)])
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
-        study = self._open_study(pruner)
-        if not study.get_trials(deepcopy=False):  # a restart must not enqueue the same trials again
-            for params in first:
-                study.enqueue_trial(params)
+        study = self._open_study(pruner, space, first)
+        counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
         log.info(
-            "study '%s' in %s: %d/%d trials done; sampler %s (seed %s), pruner %s, %d params, %d fixed",
+            "study '%s' in %s: %d/%d trials done (%s); sampler %s (seed %s), pruner %s, %d params, %d fixed",
             self.study_name,
-            self.storage_url,
+            _safe_url(self.storage_url),
             _n_counted(study),
             self.n_trials,
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "new",
             self.sampler.name,
             self.sampler.seed,
             self.pruner.name,
             len(space.distributions),
             len(space.fixed),
         )
-
-        while (done := _n_counted(study)) < self.n_trials:
-            with _quiet():
-                optuna.storages.fail_stale_trials(study)
-                trials = []
-                for _ in range(min(self.n_jobs, self.n_trials - done)):
-                    trials.append(study.ask(space.distributions))
-                    # beat at once, not when the heartbeat thread gets to it: a RUNNING trial that never had a
-                    # heartbeat is never found stale, so a kill in that gap would leave it RUNNING forever
-                    self._rdb.record_heartbeat(trials[-1]._trial_id)
-            batch = [self._job_overrides(space, t.params, t._trial_id) for t in trials]
-            tic = time.perf_counter()
-            with _heartbeat(self._rdb, [t._trial_id for t in trials]):
-                # Job indices follow trial numbers, so a resumed sweep does not reuse earlier job dirs.
-                returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            seconds = (time.perf_counter() - tic) / len(trials)
-            for trial, ret in zip(trials, returns, strict=True):
-                outcome = self._tell(study, trial, ret)
-                log.info(
-                    "trial %d/%d (#%d) %s | %s | best %s | %.1f s/trial",
-                    _n_counted(study),
-                    self.n_trials,
-                    trial.number,
-                    outcome,
-                    trial.params,
-                    self._best_text(study),
-                    seconds,
-                )
+        self._run_trials(study, space)
         self._finish(study)
 
     def _check_config(self) -> optuna.pruners.BasePruner:
@@ -435,13 +565,21 @@ class AutoftOptunaSweeper(Sweeper):
             raise ValueError(f"hydra.sweeper.direction: expected maximize, minimize or a list, got {self.directions}")
         if self.n_jobs < 1:
             raise ValueError(f"hydra.sweeper.n_jobs must be at least 1, got {self.n_jobs}")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ValueError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.failure_rate_min_trials < 1:
+            raise ValueError(f"hydra.sweeper.failure_rate_min_trials must be at least 1, got "
+                             f"{self.failure_rate_min_trials}")
         self._sampler(offset=0)
         return _build("pruner", PRUNERS, self.pruner.name, self.pruner.kwargs)
 
     def _sampler(self, offset: int) -> optuna.samplers.BaseSampler:
         """Seed + offset: a resumed sweep (offset = trials already in the study) must not replay the random
-        startup draws of the first run; a fresh sweep (offset 0) is exactly reproducible."""
-        seed = None if self.sampler.seed is None else self.sampler.seed + offset
+        startup draws of the first run, nor may workers that join a study replay each other's; a fresh sweep
+        (offset 0) is exactly reproducible. QMC keeps its seed: its scrambling must be the same in every process."""
+        seed = self.sampler.seed
+        if seed is not None and self.sampler.name != "qmc":
+            seed += offset
         return _build("sampler", SAMPLERS, self.sampler.name, self.sampler.kwargs, seed=seed)
 
     def _checked_enqueue(self, space: SearchSpace) -> list[dict[str, Any]]:
@@ -458,7 +596,14 @@ class AutoftOptunaSweeper(Sweeper):
             return []
         if ws.storage.startswith("sqlite:///") and not Path(ws.storage.removeprefix("sqlite:///")).is_file():
             raise ValueError(f"hydra.sweeper.warm_start.storage: no database at {ws.storage}")
-        source = optuna.load_study(study_name=ws.study_name, storage=ws.storage)
+        try:
+            source = optuna.load_study(study_name=ws.study_name, storage=ws.storage)
+        except KeyError:
+            where = _safe_url(ws.storage)
+            raise ValueError(f"hydra.sweeper.warm_start: no study '{ws.study_name}' in {where}") from None
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+            raise ValueError(f"hydra.sweeper.warm_start.storage: cannot open {_safe_url(ws.storage)}: "
+                             f"{_first_line(e)}") from None
         if len(source.directions) > 1:
             best = source.best_trials
         else:
@@ -469,11 +614,13 @@ class AutoftOptunaSweeper(Sweeper):
             {n: v for n, v in t.params.items() if n in space.distributions and _contains(space.distributions[n], v)}
             for t in best[: ws.top_k]
         ]
-        log.info("warm start: %d trials from study '%s' in %s", len(picked), source.study_name, ws.storage)
+        log.info("warm start: %d trials from study '%s' in %s", len(picked), source.study_name, _safe_url(ws.storage))
         return [p for p in picked if p]
 
-    def _job_overrides(self, space: SearchSpace, params: dict[str, Any], trial_id: int) -> list[str]:
+    def _job_overrides(self, space: SearchSpace, params: dict[str, Any], trial_id: int, number: int) -> list[str]:
         overrides = space.fixed + [f"{space.keys[n]}={_format_value(params[n])}" for n in space.distributions]
+        if self.subdir_is_trial:
+            overrides.append(f"hydra.sweep.subdir={number}")
         if self.pass_trial:
             overrides += [
                 f"++optuna_trial.storage={_format_value(self.storage_url)}",
@@ -482,45 +629,178 @@ class AutoftOptunaSweeper(Sweeper):
             ]
         return overrides
 
-    def _open_study(self, pruner: optuna.pruners.BasePruner) -> optuna.Study:
-        with _quiet():
-            self._rdb = optuna.storages.RDBStorage(
-                self.storage_url,
-                heartbeat_interval=self.heartbeat_interval,
-                grace_period=self.grace_period,
-                # A stale trial never ran to the end: run its params again, once.
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-        study = optuna.create_study(
-            storage=self._rdb,
-            study_name=self.study_name,
-            directions=self.directions,
-            pruner=pruner,
-            load_if_exists=True,
-        )
-        study.sampler = self._sampler(offset=len(study.get_trials(deepcopy=False)))
-        study.set_user_attr(PRUNER_ATTR, asdict(self.pruner))
+    def _open_study(
+        self, pruner: optuna.pruners.BasePruner, space: SearchSpace, first: list[dict[str, Any]]
+    ) -> optuna.Study:
+        """Create the study, or load it after checking it is this search's (nothing is written before that);
+        under the study lock, so that workers starting together create it once and enqueue its first trials once."""
+        self._lock = _StudyLock(self.storage_url, self.study_name)
+        try:
+            with self._lock, _quiet():
+                self._rdb = optuna.storages.RDBStorage(
+                    self.storage_url,
+                    heartbeat_interval=self.heartbeat_interval,
+                    grace_period=self.grace_period,
+                    # A stale trial never ran to the end: run its params again, once.
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+                configured = _space_json(space.distributions)
+                try:
+                    study_id = self._rdb.get_study_id_from_name(self.study_name)
+                except KeyError:
+                    study = optuna.create_study(
+                        storage=self._rdb, study_name=self.study_name, directions=self.directions, pruner=pruner
+                    )
+                else:
+                    self._check_study(study_id, configured)
+                    study = optuna.load_study(study_name=self.study_name, storage=self._rdb, pruner=pruner,
+                                              sampler=optuna.samplers.RandomSampler())
+                if SPACE_ATTR not in study.user_attrs:
+                    study.set_user_attr(SPACE_ATTR, configured)
+                study.set_user_attr(PRUNER_ATTR, asdict(self.pruner))
+                if not study.get_trials(deepcopy=False):  # a restart or another worker must not enqueue them again
+                    for params in first:
+                        study.enqueue_trial(params)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, OSError) as e:
+            hint = " (pip install 'autoft[postgres]')" if isinstance(e, ImportError) else ""
+            raise SweepError(f"hydra.sweeper.storage: cannot open {_safe_url(self.storage_url)}: "
+                             f"{_first_line(e)}{hint}") from None
         return study
 
-    def _tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> str:
-        """Record one job's outcome. Job errors never propagate: one bad trial must not end a long sweep."""
+    def _check_study(self, study_id: int, configured: dict[str, str]) -> None:
+        """Refuse a study created for another search (the same name in the same storage): resuming it with another
+        space or direction would mix incomparable trials."""
+        where = f"study '{self.study_name}' in {_safe_url(self.storage_url)}"
+        fix = "use another hydra.sweeper.study_name or hydra.sweep.dir"
+        stored_dirs = [d.name.lower() for d in self._rdb.get_study_directions(study_id)]
+        if stored_dirs != self.directions:
+            raise SweepError(f"{where} was created to {stored_dirs}, not {self.directions}: {fix}")
+        stored = self._rdb.get_study_user_attrs(study_id).get(SPACE_ATTR)
+        if stored is None:  # made before this attr existed, or by other code: its trials tell its space
+            sampled = next((t for t in self._rdb.get_all_trials(study_id, deepcopy=False) if t.distributions), None)
+            stored = _space_json(sampled.distributions) if sampled is not None else None
+        if stored is not None and stored != configured:
+            raise SweepError(f"{where} holds another search space ({_space_diff(stored, configured)}): {fix}")
+
+    def _run_trials(self, study: optuna.Study, space: SearchSpace) -> None:
+        """Batches of trials until the study holds n_trials counted ones, with any number of workers on it."""
+        ran: list[tuple[bool, str]] = []  # this run's trials: (a fault?, outcome)
+        sampler_set = waiting_logged = False
+        while True:
+            asked: list[optuna.trial.Trial] = []
+            with self._lock, _quiet():
+                optuna.storages.fail_stale_trials(study)
+                self._fail_orphans(study)
+                trials = study.get_trials(deepcopy=False)
+                done = _n_counted(study, trials)
+                if done >= self.n_trials:
+                    break
+                # trials other workers (or a dead process, until its heartbeat is stale) are running use budget too
+                running = sum(t.state == TrialState.RUNNING and WORKER_ATTR in t.user_attrs for t in trials)
+                if not sampler_set:
+                    study.sampler = self._sampler(offset=sum(t.state != TrialState.WAITING for t in trials))
+                    sampler_set = True
+                for _ in range(min(self.n_jobs, self.n_trials - done - running)):
+                    trial = study.ask(space.distributions)
+                    # beat at once, not when the heartbeat thread gets to it: a RUNNING trial that never had a
+                    # heartbeat is never found stale, so a kill in that gap would leave it RUNNING forever
+                    self._rdb.record_heartbeat(trial._trial_id)
+                    trial.set_user_attr(WORKER_ATTR, self.worker)
+                    asked.append(trial)
+            if not asked:
+                if not waiting_logged:
+                    log.info("%d/%d trials done, %d running elsewhere: waiting for them (a dead process's trials are "
+                             "re-run once their heartbeat is %s s old)", done, self.n_trials, running, self._grace)
+                    waiting_logged = True
+                time.sleep(min(5.0, self.heartbeat_interval))
+                continue
+            waiting_logged = False
+            batch = [self._job_overrides(space, t.params, t._trial_id, t.number) for t in asked]
+            tic = time.perf_counter()
+            with _heartbeat(self._rdb, [t._trial_id for t in asked]):
+                returns = self.launcher.launch(batch, initial_job_idx=asked[0].number)
+            seconds = (time.perf_counter() - tic) / len(asked)
+            abort = None
+            for trial, ret in zip(asked, returns, strict=True):
+                outcome, fault, stop = self._tell(study, trial, ret)
+                ran.append((fault, outcome))
+                abort = abort or stop
+                log.info(
+                    "trial %d/%d (#%d) %s | %s | best %s | %.1f s/trial",
+                    _n_counted(study),
+                    self.n_trials,
+                    trial.number,
+                    outcome,
+                    trial.params,
+                    self._best_text(study),
+                    seconds,
+                )
+            _release(returns)
+            del returns
+            if abort is not None:
+                raise SweepError(abort)  # bad input: reports and multirun.yaml stay as they were
+            self._write_multirun()
+            faults = [outcome for fault, outcome in ran if fault]
+            if len(ran) >= self.failure_rate_min_trials and len(faults) > self.max_failure_rate * len(ran):
+                self._finish(study)
+                raise SweepError(
+                    f"{len(faults)} of the {len(ran)} trials of this run failed, more than "
+                    f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; last: {faults[-1]}"
+                )
+
+    @property
+    def _grace(self) -> int:
+        return self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+
+    def _fail_orphans(self, study: optuna.Study) -> None:
+        """Fail RUNNING trials that no sweeper owns: asked by a process killed before it beat for them (it asks,
+        beats and names itself under the lock, so another process sees such a trial only if its asker died).
+        Heartbeat staleness never finds them. They never ran: FAIL, not counted, nothing to retry."""
+        now = datetime.datetime.now()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started = t.datetime_start or now
+            if WORKER_ATTR not in t.user_attrs and (now - started).total_seconds() > self._grace:
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    self._rdb.set_trial_user_attr(t._trial_id, "orphaned", "its sweeper died before running it")
+                    self._rdb.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                    log.warning("trial #%d was left RUNNING by a dead sweeper before it started: failed", t.number)
+
+    def _tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> tuple[str, bool, str | None]:
+        """Record one job's outcome: (what happened, a fault?, the error that ends the command or None).
+
+        Job errors never propagate: one bad trial must not end a long sweep. A failed job's trial is FAIL (a diverged
+        one PRUNED) with the reason in its ``error`` user attr; bad input (``UserError``: the same for every trial)
+        ends the command, its trial FAIL with the reason in ``aborted`` and not counted towards n_trials."""
         if self._rdb.get_trial(trial._trial_id).state.is_finished():
-            return "finished by the job"
+            return "finished by the job", False, None
+        state, values, attr, error = TrialState.FAIL, None, ERROR_ATTR, None
         if ret.status == JobStatus.COMPLETED:
             values, error = _objective_values(ret.return_value, len(self.directions))
+            if error is None:
+                state = TrialState.COMPLETE
         else:
             exc = ret._return_value  # hydra 1.3 keeps the job's exception here; .return_value would re-raise it
+            error = f"{type(exc).__name__}: {exc}"[:2000]
             if isinstance(exc, optuna.TrialPruned):
-                study.tell(trial, state=TrialState.PRUNED)
-                return "pruned"
-            values, error = None, f"{type(exc).__name__}: {exc}"
-        if error is not None:
-            trial.set_user_attr(ERROR_ATTR, error)
-            study.tell(trial, state=TrialState.FAIL)
-            log.warning("trial #%d failed: %s", trial.number, error)
-            return "failed"
-        study.tell(trial, values)
-        return f"value {values[0] if len(values) == 1 else values}"
+                state, error = TrialState.PRUNED, None
+            elif isinstance(exc, DIVERGED):
+                state, error = TrialState.PRUNED, f"diverged: {error}"
+            elif isinstance(exc, UserError):
+                attr = ABORT_ATTR
+        try:
+            if error is not None:
+                trial.set_user_attr(attr, error)
+            study.tell(trial, values, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale by another worker meanwhile
+            return "finished elsewhere (stale)", False, None
+        if state == TrialState.COMPLETE:
+            return f"value {values[0] if len(values) == 1 else values}", False, None
+        if error is None:
+            return "pruned", False, None
+        log.warning("trial #%d %s: %s", trial.number, "pruned" if state == TrialState.PRUNED else "failed", error)
+        if attr == ABORT_ATTR:
+            return f"aborted: {error}", False, f"trial #{trial.number}: {_first_line(ret._return_value)}"
+        return f"{'pruned' if state == TrialState.PRUNED else 'failed'}: {_first_line(error)}", True, None
 
     def _best_text(self, study: optuna.Study) -> str:
         if len(self.directions) > 1:
@@ -548,14 +828,21 @@ class AutoftOptunaSweeper(Sweeper):
             "best_params": best.params,
         }
 
+    def _write_multirun(self) -> None:
+        """The command's config, as Hydra's own sweepers write it; only once a batch ran (bad input writes nothing)."""
+        if not self._wrote_multirun:
+            atomic_write(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
+            self._wrote_multirun = True
+
     def _finish(self, study: optuna.Study) -> None:
-        """Write best_params.yaml and trials.csv into the sweep dir, and log the study summary."""
-        _write_atomic(self.sweep_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
+        """Write best_params.yaml and trials.csv into the sweep dir (write, then rename), and log the study summary."""
+        self._write_multirun()
+        atomic_write(self.sweep_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
         summary = self._best_summary(study)
         if summary is None:
             log.warning("no COMPLETE trial: best_params.yaml not written")
         else:
-            _write_atomic(self.sweep_dir / "best_params.yaml", yaml.safe_dump(summary, sort_keys=False))
+            atomic_write(self.sweep_dir / "best_params.yaml", yaml.safe_dump(summary, sort_keys=False))
         counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
         log.info(
             "study '%s': %d trials (%s); best %s; results in %s",
