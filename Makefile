@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(shell { cat setup.cfg pyproject.toml; ls autoft/*.
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install --quiet -e '.[dev,postgres,launchers]' --config-settings editable_mode=strict
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -38,6 +38,9 @@ hydra:
 """
 
 APP = """\
+import os
+import time
+
 import hydra
 import optuna
 
@@ -47,6 +50,9 @@ from hydra_plugins.autoft_optuna_sweeper import trial_from_config
 @hydra.main(version_base=None, config_path=".", config_name="config")
 def main(cfg):
     value = -((cfg.x - 2) ** 2) - (cfg.y - 1) ** 2
+    if cfg.get("record_pid"):  # which process ran the job, and when
+        trial_from_config(cfg).set_user_attr("pid", os.getpid())
+        time.sleep(1.0)
     if not isinstance(cfg.get("act", ""), str):  # a string choice must reach the job as a string
         raise TypeError(f"act={cfg.act!r}")
     if cfg.mode == "fail" and cfg.x > 0:
@@ -276,3 +282,42 @@ def test_warm_start_and_enqueue_come_first(app, basic, tmp_path):
     # only params of this space come over (the source also searched act and lr)
     assert [t.params for t in trials[1:3]] == [{"x": t.params["x"], "y": t.params["y"]} for t in top]
     assert len(finished(load(tmp_path))) == 4
+
+
+def test_joblib_launcher_runs_each_batch_in_parallel_processes(app, tmp_path):
+    """hydra/launcher=parallel (conf/hydra/launcher/parallel.yaml: the joblib launcher, n_jobs from the sweeper)."""
+    sweep(app, tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", f"hydra.searchpath=[file://{ROOT}/conf]",
+          "hydra/launcher=parallel", "+record_pid=true")
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    sweeper_pid = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
+    job_pids = {str(t.user_attrs["pid"]) for t in trials}
+    assert len(sweeper_pid) == 1 and not job_pids & sweeper_pid  # the jobs ran in the pool's processes
+    assert all((tmp_path / str(t.number) / ".hydra" / "overrides.yaml").is_file() for t in trials)
+
+
+def test_submitit_local_launcher_runs_trials(app, tmp_path):
+    """The submitit launcher (the SLURM launcher's local twin: same pickling, job dirs and JobReturns)."""
+    sweep(app, tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
+          "mode=fail")
+    trials = load(tmp_path).trials
+    assert len(trials) == 2 and all(t.state.is_finished() for t in trials)
+    assert all(t.user_attrs["error"] == "RuntimeError: boom" for t in trials if t.state == TrialState.FAIL)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target", "parallel_key"),
+    [("slurm", "submitit_launcher.SlurmLauncher", "array_parallelism"), ("parallel", "joblib_launcher.JoblibLauncher",
+                                                                         "n_jobs")],
+)
+def test_launcher_configs_compose_and_instantiate(launcher, target, parallel_key):
+    """SLURM cannot run here: its config must compose with the search and build the launcher, sized by n_jobs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=["search=embedded", f"hydra/launcher={launcher}", "hydra.sweeper.n_jobs=8"],
+                      return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith(target)
+        assert cfg.hydra.launcher[parallel_key] == 8
+        assert type(instantiate(cfg.hydra.launcher)).__name__ == target.rsplit(".", 1)[1]
