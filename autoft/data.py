@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -196,7 +197,7 @@ def _split_rows(name: str, splits: dict[str, np.ndarray], path: Path, images: Ca
 def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str, Callable[[], str]]:
     """What wilds' iWildCam v2.0 reader relies on, each a check that returns a summary or raises one clear line."""
     path = folder / "metadata.csv"
-    cache: dict[str, dict[str, np.ndarray]] = {}
+    cache: dict[str, Any] = {}  # what metadata() read, for the split checks
     names = list(class_names or [])
 
     def categories() -> str:
@@ -219,12 +220,12 @@ def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str
             df["datetime"].astype(str).map(lambda t: datetime.datetime.strptime(t, "%Y-%m-%d %H:%M:%S.%f"))
         except ValueError as e:
             raise UserError(f"{path}: column 'datetime' must read as YYYY-MM-DD hh:mm:ss.ffffff: {e}") from None
-        cache["files"] = {"all": df["filename"].astype(str).to_numpy()}
+        cache["files"] = df["filename"].astype(str).to_numpy()
         cache["splits"] = {s: np.flatnonzero(df["split"].to_numpy() == s) for s in WILDS_SPLITS}
         return f"{len(df)} rows, {y.max() + 1 if len(y) else 0} classes"
 
     def images(rows: np.ndarray) -> list[Path]:
-        return [folder / "train" / f for f in cache["files"]["all"][rows]]
+        return [folder / "train" / f for f in cache["files"][rows]]
 
     checks: dict[str, Callable[[], str]] = {"RELEASE_v2.0.txt": lambda: present(folder / "RELEASE_v2.0.txt")}
     if not class_names:
@@ -240,7 +241,7 @@ def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
     from wilds.datasets.fmow_dataset import categories
 
     path = folder / "rgb_metadata.csv"
-    cache: dict[str, dict[str, np.ndarray]] = {}
+    cache: dict[str, Any] = {}  # what metadata() read, for the split checks
 
     def metadata() -> str:
         df = _read_csv(path, ["split", "category", "country_code", "timestamp"])
@@ -254,10 +255,10 @@ def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
             ts = pd.to_datetime(df["timestamp"], format="ISO8601")
         except (ValueError, TypeError) as e:
             raise UserError(f"{path}: column 'timestamp' must be ISO 8601 with a timezone: {e}") from None
-        if ts.dt.tz is None:
+        if not isinstance(ts.dtype, pd.DatetimeTZDtype):
             raise UserError(f"{path}: column 'timestamp' needs a timezone (e.g. 2016-03-01T10:00:00Z), "
                             f"found {df['timestamp'].iloc[0]!r}")
-        year = ts.dt.year.to_numpy()
+        year = ts.dt.tz_convert("UTC").dt.year.to_numpy()  # wilds compares with UTC years
         if len(year) and (year.min() < 2002 or year.max() > 2017):
             raise UserError(f"{path}: column 'timestamp' has years outside 2002..2017, which wilds cannot group")
         split = df["split"].to_numpy()

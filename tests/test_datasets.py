@@ -83,7 +83,7 @@ def write_fmow(root: Path, rng) -> dict:
 
     folder = root / "fmow_v1.1"
     rows = []
-    plan = [("train", "2010"), ("val", "2011"), ("test", "2012"), ("val", "2014"), ("test", "2016"), ("test", "2017")]
+    plan = [("train", "2002"), ("val", "2011"), ("test", "2012"), ("val", "2014"), ("test", "2016"), ("test", "2017")]
     for split, year in plan:
         for i in range(4):
             ms = ".643" if i == 1 else ""  # FMoW mixes second and millisecond precision
