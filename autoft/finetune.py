@@ -45,6 +45,8 @@ class FineTuner(pl.LightningModule):
     (the reference code hid them inside a 500-step warmup, so they barely trained), or linear
     warmup then cosine decay for full runs. Metrics are the dataset's own (``evaluate``), logged
     as ``val_id/``, ``val_ood/``, ``test_id/``, ``test_ood/``; training terms under ``train/``.
+    The norm terms' gradients are added in closed form before each optimizer step, so
+    ``train/loss`` is the other terms' sum and each norm term is logged every ``log_every_n_steps``.
     """
 
     def __init__(self, model: CLIPClassifier, objective: CompositeObjective, evaluate, lr: float,
@@ -57,12 +59,17 @@ class FineTuner(pl.LightningModule):
         self._outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self.results: dict[str, float] = {}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after backward and AMP unscaling, before clipping and the step
+        self.objective.add_norm_grads()
+
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         feats = self.model.image_features(x)
         logits = self.model.head(feats)
         text = self.model.caption_features(y) if self.objective.needs_text else None
-        loss, terms = self.objective(logits, y, feats, text, self.model.logit_scale)
+        log_norms = self.global_step % self.trainer.log_every_n_steps == 0  # norm-term values cost a pass
+        loss, terms = self.objective(logits, y, feats, text, self.model.logit_scale, norm_values=log_norms)
         if not torch.isfinite(loss):  # diverged: the sweeper prunes the trial with this reason and goes on
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
@@ -200,7 +207,8 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
     """Fine-tune ``model`` in place with the configured objective; validate and (optionally) test."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
-        objective = CompositeObjective(OmegaConf.to_container(cfg.objective.weights), model.trainable())
+        objective = CompositeObjective(OmegaConf.to_container(cfg.objective.weights), model.trainable(),
+                                       closed_form_norms=True)
     except ValueError as e:
         raise UserError(f"objective: {e}") from None
     module = FineTuner(model, objective, data.evaluate, **cfg.optim)

@@ -30,6 +30,12 @@ paper or its reference code leaves open or gets wrong.
   of each image's class caption. ``logit_scale`` is the multiplier itself (CLIP's
   ``logit_scale.exp()``), not its log. As in FLYP, targets are ``arange(B)``: two images of the same
   class in a batch have identical captions, which then act as each other's negatives.
+* **Closed-form norm gradients** (``closed_form_norms=True``, what training uses): the four norm
+  terms' gradients are known (``w sign(p - p0)``, ``2 w (p - p0)``, ``w sign(p)``, ``2 w p``), so
+  :meth:`CompositeObjective.add_norm_grads` adds them to ``p.grad`` with fused in-place foreach ops
+  after backward, instead of autograd building a graph over every parameter each step. ``forward``
+  then leaves them out of the returned loss and computes their values only when asked
+  (``norm_values=True``, for logging every N steps). Same math: sign(0) = 0 as in autograd.
 * **Only active terms are computed.** Zero-weight terms are skipped (the norm terms alone touch
   every parameter); the returned log dict has one detached entry per active term.
 * **ce defaults to weight 1** when not given (it is the paper's anchor term); any other given
@@ -136,14 +142,20 @@ class CompositeObjective(torch.nn.Module):
     """Loss = sum_i w_i * L_i over LOSS_TERMS."""
 
     def __init__(
-        self, weights: Mapping[str, float], named_params: Iterable[tuple[str, torch.nn.Parameter]]
+        self,
+        weights: Mapping[str, float],
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        closed_form_norms: bool = False,
     ) -> None:
         """Validate ``weights`` (missing terms weigh 0, ce defaults to 1) and snapshot theta0 if needed.
 
         ``named_params`` is typically ``model.named_parameters()``; only trainable ones are kept.
+        ``closed_form_norms``: the norm terms' gradients come from :meth:`add_norm_grads`, called
+        between backward and the optimizer step, not from the loss ``forward`` returns.
         """
         super().__init__()
         self.weights: dict[str, float] = _validated_weights(weights)
+        self.closed_form_norms = closed_form_norms
         # A plain list, not registered: the model owns its parameters, the objective only reads them.
         self.params: list[torch.nn.Parameter] = [p for _, p in named_params if p.requires_grad]
         self._num_theta0 = 0
@@ -176,8 +188,13 @@ class CompositeObjective(torch.nn.Module):
         image_features: Tensor | None = None,
         text_features: Tensor | None = None,
         logit_scale: Tensor | float | None = None,
+        norm_values: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return ``(total, values)``: the weighted loss and each active term's detached raw value."""
+        """Return ``(total, values)``: the weighted loss and each active term's detached raw value.
+
+        With ``closed_form_norms`` the total leaves the norm terms out (their gradients come from
+        :meth:`add_norm_grads`) and their values are computed, without a graph, only if ``norm_values``.
+        """
         active = self.active_terms
         values: dict[str, Tensor] = {}
         if "ce" in active:
@@ -196,10 +213,41 @@ class CompositeObjective(torch.nn.Module):
                 )
             values["flyp"] = flyp_loss(image_features, text_features, logit_scale)
         active_norms = [t for t in NORM_TERMS if t in active]
-        if active_norms:
+        if active_norms and not self.closed_form_norms:
             values.update(norm_terms(self.params, self.theta0, active_norms))
         total: Tensor = sum(self.weights[t] * v for t, v in values.items())  # type: ignore[assignment]
-        return total, {t: v.detach() for t, v in values.items()}
+        if not values:  # only norm terms, all in closed form: nothing for autograd to do
+            total = logits.sum() * 0.0
+        values = {t: v.detach() for t, v in values.items()}
+        if active_norms and self.closed_form_norms and norm_values:
+            with torch.no_grad():
+                values.update(norm_terms(self.params, self.theta0, active_norms))
+        return total, values
+
+    @torch.no_grad()
+    def add_norm_grads(self) -> None:
+        """Add the active norm terms' gradients to ``p.grad`` in place (closed form, fused foreach ops).
+
+        Call after backward and before the optimizer step (after AMP unscaling), once per step.
+        """
+        w = self.weights
+        if not self.closed_form_norms or not any(w[t] > 0 for t in NORM_TERMS) or not self.params:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        params = self.params
+        grads = [p.grad for p in params]
+        if w["l2init"] > 0:  # 2 w (p - p0), without materialising p - p0
+            torch._foreach_add_(grads, params, alpha=2 * w["l2init"])
+            torch._foreach_add_(grads, self.theta0, alpha=-2 * w["l2init"])
+        if w["l1init"] > 0:
+            torch._foreach_add_(grads, torch._foreach_sign(torch._foreach_sub(params, self.theta0)),
+                                alpha=w["l1init"])
+        if w["l2zero"] > 0:
+            torch._foreach_add_(grads, params, alpha=2 * w["l2zero"])
+        if w["l1zero"] > 0:
+            torch._foreach_add_(grads, torch._foreach_sign(params), alpha=w["l1zero"])
 
     @torch.no_grad()
     def reset_theta0(self) -> None:

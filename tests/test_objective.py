@@ -383,3 +383,56 @@ def test_reset_theta0_is_noop_without_init_terms() -> None:
     obj = CompositeObjective({"l2zero": 1.0}, nn.Linear(2, 2).named_parameters())
     obj.reset_theta0()
     assert obj.theta0 is None
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"l1init": 0.3, "l2init": 0.5, "l1zero": 0.01, "l2zero": 0.02},
+        {"ce": 0.0, "l2init": 1.0, "l1zero": 0.1},
+        {"hinge": 0.5, "l1init": 2.0},
+    ],
+)
+def test_closed_form_norm_grads_match_autograd(weights: dict[str, float]) -> None:
+    """k AdamW steps with the norm terms' gradients added in closed form land where autograd's do."""
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+
+    def train(closed: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        obj = CompositeObjective(weights, model.named_parameters(), closed_form_norms=closed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(6):
+            opt.zero_grad()
+            loss, values = obj(model(x), y)
+            loss.backward()
+            obj.add_norm_grads()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], values
+
+    (auto, auto_values), (closed, closed_values) = train(False), train(True)
+    torch.manual_seed(1)
+    init = [p.detach() for p in nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).parameters()]
+    assert min((a - p0).abs().max().item() for a, p0 in zip(auto, init, strict=True)) > 1e-3  # it trained
+    for a, c in zip(auto, closed, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    assert closed_values.keys() == auto_values.keys()
+    for k in auto_values:
+        torch.testing.assert_close(closed_values[k], auto_values[k], rtol=1e-5, atol=1e-6)
+
+
+def test_closed_form_leaves_norms_out_of_the_loss_and_skips_their_values_on_request() -> None:
+    lin = nn.Linear(3, 2)
+    obj = CompositeObjective({"ce": 1.0, "l2zero": 0.5}, lin.named_parameters(), closed_form_norms=True)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    total, values = obj(lin(x), y, norm_values=False)
+    assert set(values) == {"ce"}
+    torch.testing.assert_close(total, values["ce"])
+    total, values = obj(lin(x), y)
+    expected = sum(p.detach().square().sum() for p in lin.parameters())
+    torch.testing.assert_close(values["l2zero"], expected)
+    torch.testing.assert_close(total, values["ce"])  # the norm term's gradient is added, not backpropagated
+    total.backward()
+    ce_grad = lin.weight.grad.clone()
+    obj.add_norm_grads()
+    torch.testing.assert_close(lin.weight.grad, ce_grad + 2 * 0.5 * lin.weight.detach())
