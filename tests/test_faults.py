@@ -376,8 +376,9 @@ def _states(db: Path) -> list[str]:
 
 
 def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path):
-    """5 rounds: start a search, kill -9 it at a random moment (start-up, a job, a write), run the same command
-    again: the study ends with exactly n_trials finished, nothing RUNNING, and a valid report."""
+    """5 rounds: start a search, kill -9 it at a random moment once it runs trials (in a job, between jobs, while
+    it writes), run the same command again: the study ends with exactly n_trials finished, nothing RUNNING, and a
+    valid report."""
     real = os.environ.get("AUTOFT_FAULTS_REAL") == "1"
     n_trials, rng = (3 if real else 8), random.Random()
     for round_ in range(5):
@@ -385,11 +386,13 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
         extra = [f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.heartbeat_interval=1",
                  "hydra.sweeper.grace_period=2"]
         cmd = real_cmd(sweep_dir, *extra) if real else app_cmd(app, sweep_dir, "sleep=0.25", *extra)
-        # up to the moment the first run would be done (start-up about 1.5 s here, 10 s for the real app)
-        moment = rng.uniform(0.5, 14.0 if real else 3.5)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(moment)
-        states = _states(sweep_dir / "optuna.db")
+        tic = time.perf_counter()
+        while not _states(sweep_dir / "optuna.db") and proc.poll() is None:  # start-up done: the first trial runs
+            time.sleep(0.05)
+        # then any moment up to about when the search would be done (a trial: 0.25 s fake, 5 s real)
+        time.sleep(rng.uniform(0.0, n_trials * (5.0 if real else 0.3)))
+        moment, states = time.perf_counter() - tic, _states(sweep_dir / "optuna.db")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         injected("kill_9")
