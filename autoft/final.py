@@ -95,14 +95,15 @@ def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path, **wandb_
     for alpha in cfg.wise_alphas:
         model.load_state_dict(interpolate(zero_shot, tuned, float(alpha)))
         res = evaluate(cfg, model, data)
-        wise.append({"alpha": float(alpha), "id": res[f"test_id/{metric}"], "ood": res[f"test_ood/{metric}"]})
-        log.info("WiSE-FT alpha %.2f: ID %.4f OOD %.4f", alpha, wise[-1]["id"], wise[-1]["ood"])
+        # few-shot and transfer sets have no OOD test set: their "ood" is None
+        wise.append({"alpha": float(alpha), "id": res[f"test_id/{metric}"], "ood": res.get(f"test_ood/{metric}")})
+        log.info("WiSE-FT alpha %.2f: ID %.4f OOD %s", alpha, wise[-1]["id"], wise[-1]["ood"])
     model.load_state_dict(tuned)
     score = best_ckpt.best_model_score  # None when the budget ended before any validation
     summary = {"params": params, "results": module.results, "wise": wise, "best_checkpoint": best_ckpt.best_model_path,
                "best_epoch_metric": None if score is None else float(score)}
     if logger is not None:
-        logger.log_metrics({f"wise/{w['alpha']}/{k}": w[k] for w in wise for k in ("id", "ood")})
+        logger.log_metrics({f"wise/{w['alpha']}/{k}": w[k] for w in wise for k in ("id", "ood") if w[k] is not None})
     finish_logger(logger, module.results)
     atomic_write(out_dir / "final.json", json.dumps(summary, indent=1, default=float))
     return summary
@@ -116,7 +117,8 @@ def main(cfg: DictConfig) -> float:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return summary["results"][f"test_ood/{cfg.dataset.metric}"]
+    results = summary["results"]
+    return results.get(f"test_ood/{cfg.dataset.metric}", results[f"test_id/{cfg.dataset.metric}"])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from sklearn.metrics import f1_score
 from autoft import UserError
 from autoft.datacheck import main as datacheck
 from autoft.datasets import make_data
+from autoft.final import final_train
 from autoft.finetune import CONF_DIR, build, finetune, run
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
@@ -417,6 +418,21 @@ def test_few_shot_sets_train_on_k_shots_and_search_on_negative_ce(tmp_path, data
     logits = _logits(model, data.eval_transform, [val.images[i][0] for i in range(len(val.labels))])
     assert results["val_ood/neg_ce"] == pytest.approx(-F.cross_entropy(logits, torch.tensor(val.labels)).item(),
                                                       rel=1e-4)
+
+
+def test_final_training_on_a_set_without_ood_test(tmp_path):
+    """Few-shot sets have no OOD test split: final training still tests ID and WiSE-FT reports no OOD."""
+    _write(tmp_path, "pcam_fewshot")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("final", overrides=[
+            "dataset=pcam_fewshot", f"dataset.root={tmp_path / 'data'}", "dataset.shots=2", "model=tiny_clip",
+            "model.pretrained=null", "~model.pretrain", "trainer.max_epochs=1", "dataset.batch_size=8",
+            "dataset.eval_batch_size=8", "dataset.num_workers=0", "logger=csv", f"output_dir={tmp_path / 'out'}",
+            "wise_alphas=[0.0,1.0]"])
+    summary = final_train(cfg, {"optim.lr": 1e-4}, tmp_path / "final")
+    assert [w["ood"] for w in summary["wise"]] == [None, None]
+    assert summary["wise"][1]["id"] == pytest.approx(summary["results"]["test_id/acc"])
+    assert (tmp_path / "final" / "final.json").is_file()
 
 
 @pytest.mark.parametrize("dataset", ["caltech101", "stanford_cars", "flowers102"])
