@@ -4,6 +4,14 @@ The classifier is CLIP's image tower followed by a linear head initialised as th
 classifier (per class: encode every prompt template, normalise, average, renormalise, scale by
 ``logit_scale``). The text tower stays attached, because the ``flyp`` loss term contrasts image
 features with the features of each image's class caption.
+
+Class captions are short and CLIP's text transformer is causal: a token attends only to earlier
+positions, and the pooled feature is read at the end-of-text token, so the padding after it cannot
+change the feature. The caption tokens are therefore stored cut to the longest caption's length
+(a fixed shape, found once), and the text tower runs on those few positions instead of 77
+(:func:`encode_text_prefix`; same features to float tolerance, tested). When a batch holds more
+images than there are classes, the trainable text tower encodes each class's caption once and
+gathers per image (same values and gradients, fewer tokens), else it encodes per image.
 """
 
 from __future__ import annotations
@@ -60,6 +68,44 @@ def load_clip(name: str, pretrained: str | None = None):
     return model, train_tf, eval_tf, tokenizer
 
 
+def _prefix_encodable(clip: nn.Module) -> bool:
+    """Whether ``clip`` is open_clip's CLIP with a causal text mask and token-position pooling, so that a
+    token sequence cut after its end-of-text token encodes to the same features (see the module docstring)."""
+    if not isinstance(clip, open_clip.CLIP) or getattr(clip, "text_pool_type", None) not in ("argmax", "eos"):
+        return False
+    mask = getattr(clip, "attn_mask", None)
+    if mask is None or mask.ndim != 2:
+        return False
+    causal = torch.full_like(mask, float("-inf")).triu(1)
+    return bool(torch.equal(mask, causal))
+
+
+def pooled_positions(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The position whose feature open_clip pools for each token row (its end-of-text token)."""
+    if clip.text_pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    return (tokens == clip.text_eos_id).int().argmax(dim=-1)
+
+
+def encode_text_prefix(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip.encode_text`` for tokens cut to their first L <= context_length positions.
+
+    open_clip's ``encode_text`` adds all ``context_length`` positional embeddings and uses the full
+    causal mask, so it only takes full-length rows; this is the same computation on the first L
+    positions (positional embeddings and mask sliced to L). Only valid where :func:`_prefix_encodable`.
+    """
+    length = tokens.shape[1]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast_dtype)
+    x = x + clip.positional_embedding[:length].to(cast_dtype)
+    x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+    x = clip.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), pooled_positions(clip, tokens)]
+    if clip.text_projection is not None:
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+    return x
+
+
 @torch.no_grad()
 def zeroshot_weights(clip: nn.Module, tokenizer, class_names: Sequence[str],
                      templates: Sequence[str]) -> torch.Tensor:
@@ -77,7 +123,8 @@ class CLIPClassifier(nn.Module):
     """Image tower + zero-shot-initialised linear head; text tower kept for the flyp term.
 
     ``logit_scale`` is frozen (it is folded into the head). The text tower is frozen unless
-    ``train_text``; when frozen, the class-caption features are computed once and reused.
+    ``train_text``; when frozen, the class-caption features are computed once and reused (and
+    recomputed after :meth:`restore`). ``channels_last``: images enter the tower in that memory format.
     """
 
     def __init__(self, clip: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
@@ -92,8 +139,13 @@ class CLIPClassifier(nn.Module):
             self.head.weight.copy_(weights * scale)
             self.head.bias.zero_()
         captions = [(caption_template or templates[0]).format(c) for c in class_names]
-        self.register_buffer("caption_tokens", tokenizer(captions), persistent=False)
+        tokens = tokenizer(captions)
+        self.prefix_text = _prefix_encodable(clip)
+        if self.prefix_text:  # cut after the longest caption's end-of-text token: a fixed, short shape
+            tokens = tokens[:, : int(pooled_positions(clip, tokens).max()) + 1].contiguous()
+        self.register_buffer("caption_tokens", tokens, persistent=False)
         self._frozen_captions: torch.Tensor | None = None
+        self.channels_last = False
         clip.logit_scale.requires_grad_(False)
         for name, p in clip.named_parameters():
             if not name.startswith("visual."):
@@ -104,7 +156,28 @@ class CLIPClassifier(nn.Module):
         return self.clip.logit_scale.exp()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.clip.encode_image(images), dim=-1)
+
+    def use_channels_last(self) -> CLIPClassifier:
+        """Conv weights (the ViT patch embedding) and input images in channels_last memory format."""
+        self.channels_last = True
+        self.clip.visual.to(memory_format=torch.channels_last)
+        return self
+
+    def encode_captions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features of caption tokens as stored (cut after end-of-text where that is exact)."""
+        return encode_text_prefix(self.clip, tokens) if self.prefix_text else self.clip.encode_text(tokens)
+
+    @torch.no_grad()
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (a full state dict, e.g. the pretrained one) into the model in place, and drop
+        the cached caption features: one model serves many trials without a reload."""
+        self.load_state_dict(state)
+        self._frozen_captions = None
+        for p in self.parameters():
+            p.grad = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.image_features(images))
@@ -112,10 +185,12 @@ class CLIPClassifier(nn.Module):
     def caption_features(self, labels: torch.Tensor) -> torch.Tensor:
         """Normalised text features of each label's class caption (for the flyp term)."""
         if self.train_text:
-            return F.normalize(self.clip.encode_text(self.caption_tokens[labels]), dim=-1)
+            if len(self.caption_tokens) <= len(labels):  # fewer classes than images: each caption once, gathered
+                return F.normalize(self.encode_captions(self.caption_tokens), dim=-1)[labels]
+            return F.normalize(self.encode_captions(self.caption_tokens[labels]), dim=-1)
         if self._frozen_captions is None or self._frozen_captions.device != labels.device:
             with torch.no_grad():
-                self._frozen_captions = F.normalize(self.clip.encode_text(self.caption_tokens), dim=-1)
+                self._frozen_captions = F.normalize(self.encode_captions(self.caption_tokens), dim=-1)
         return self._frozen_captions[labels]
 
     def trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
