@@ -18,7 +18,13 @@ Two known wilds 2.0.0 traps are fixed here, once, at import:
 from __future__ import annotations
 
 import datetime
+import hashlib
+import logging
+import math
+import os
+import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +32,15 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from wilds.common.data_loaders import get_eval_loader, get_train_loader
 from wilds.datasets.wilds_dataset import WILDSSubset
 
 from autoft import UserError
 
 # loader name -> WILDS split. "val_ood" is the (small) OOD validation set the search scores on.
+log = logging.getLogger(__name__)
 EVAL_SPLITS = {"val_id": "id_val", "val_ood": "val", "test_id": "id_test", "test_ood": "test"}
 WILDS_FOLDERS = {"iwildcam": "iwildcam_v2.0", "fmow": "fmow_v1.1"}
 WILDS_SPLITS = ("train", "id_val", "id_test", "val", "test")
@@ -302,16 +311,329 @@ def wilds_checks(name: str, root: str | Path, class_names: Sequence[str] | None 
     return fmow_checks(folder) if name == "fmow" else iwildcam_checks(folder, class_names)
 
 
-class WildsDataModule(pl.LightningDataModule):
+# ------------------------------------------------------------------------------ preprocessing cache
+#
+# Decoding and resizing an image is the slow part of a data path (a 1920x1080 JPEG: about 24 images/s
+# per CPU core), and a search reads the same images in every trial. The cache runs the deterministic
+# part of the model's eval transform (decode, resize, center crop) once per image and keeps the result
+# as uint8 [N, H, W, 3] in a memory-mapped .npy under $AUTOFT_CACHE/images/, keyed by the dataset's
+# identity (folder, split, rows, metadata file size and mtime) and by that transform part. Loaders
+# then read whole batches with one fancy index, and the rest of the transform runs on the batch on
+# the training device (:func:`model_input`): to float, normalise, and for training the same kind of
+# augmentation as the model's train transform (random resized crop, flip).
+
+
+_DETERMINISTIC_OPS = {"Resize", "CenterCrop", "MaybeConvertMode", "ResizeKeepRatio", "CenterCropOrPad",
+                      "_convert_to_rgb", "ResizeMaxSize"}
+_TO_TENSOR_OPS = {"ToTensor", "MaybeToTensor"}
+_CONVERT_OPS = {"MaybeConvertMode", "_convert_to_rgb"}
+
+
+def _op_name(op) -> str:
+    return getattr(op, "__name__", type(op).__name__)
+
+
+@dataclass(frozen=True)
+class TensorPrep:
+    """A torchvision ``Compose`` split in two: ``pil`` (deterministic: decode, resize, crop; cached once)
+    and what runs per batch on uint8 tensors: an optional random resized crop and flip, then normalise."""
+
+    pil: Callable
+    key: str                                  # repr of the cached part: part of the cache key
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: tuple | None = None                 # RandomResizedCrop: (size, scale, ratio, grid_sample mode)
+    flip: float = 0.0                         # RandomHorizontalFlip's probability
+
+
+def _normalize_of(ops: Sequence) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """mean, std of the ops after ToTensor, which must be nothing or one Normalize."""
+    if not ops:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if len(ops) != 1 or _op_name(ops[0]) != "Normalize":
+        return None
+    mean, std = ops[0].mean, ops[0].std
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def eval_prep(transform: Callable) -> TensorPrep | None:
+    """The cacheable form of an eval transform (deterministic PIL ops, ToTensor, Normalize), else None."""
+    from torchvision import transforms as T
+
+    ops = list(getattr(transform, "transforms", []))
+    names = [_op_name(o) for o in ops]
+    cut = next((i for i, n in enumerate(names) if n in _TO_TENSOR_OPS), None)
+    if cut is None or not set(names[:cut]) <= _DETERMINISTIC_OPS:
+        return None
+    norm = _normalize_of(ops[cut + 1:])
+    if norm is None:
+        return None
+    return TensorPrep(T.Compose(ops[:cut]), repr(T.Compose(ops[:cut])), *norm)
+
+
+def train_prep(transform: Callable, cached: TensorPrep, size: tuple[int, int]) -> TensorPrep | None:
+    """The train transform as tensor ops on the cached images of ``size`` (H, W), else None.
+
+    Supported: the eval transform's own PIL part (no augmentation), or RandomResizedCrop to the cached
+    size and/or RandomHorizontalFlip, with colour conversion, ToTensor and Normalize.
+    """
+    ops = list(getattr(transform, "transforms", []))
+    names = [_op_name(o) for o in ops]
+    cut = next((i for i, n in enumerate(names) if n in _TO_TENSOR_OPS), None)
+    if cut is None:
+        return None
+    norm = _normalize_of(ops[cut + 1:])
+    if norm is None:
+        return None
+    from torchvision import transforms as T
+
+    if repr(T.Compose(ops[:cut])) == cached.key:  # trains on the eval transform: no augmentation
+        return replace(cached, mean=norm[0], std=norm[1])
+    crop, flip = None, 0.0
+    for op, name in zip(ops[:cut], names[:cut], strict=True):
+        if name == "RandomResizedCrop" and crop is None:
+            if tuple(op.size) != tuple(size):
+                return None
+            mode = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}.get(op.interpolation.value)
+            if mode is None:
+                return None
+            crop = (tuple(op.size), tuple(op.scale), tuple(op.ratio), mode)
+        elif name == "RandomHorizontalFlip":
+            flip = float(op.p)
+        elif name not in _CONVERT_OPS:
+            return None
+    return replace(cached, mean=norm[0], std=norm[1], crop=crop, flip=flip)
+
+
+def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float],
+                        ratio: tuple[float, float], mode: str = "bilinear", flip: float = 0.0) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (and horizontal flip) for a float batch [B, C, H, W], one crop per
+    image, in one ``grid_sample`` on the batch's device with the global RNG (seeded by the trial's seed).
+
+    The same distribution of crop boxes (area in ``scale``, log-uniform aspect ratio in ``ratio``, 10
+    tries, then the whole image), but boxes are not rounded to whole pixels and the crop is read from
+    the cached (resized, center-cropped) image rather than the original file, by ``grid_sample``
+    instead of PIL's resampling: the same kind of augmentation, not bit-identical to PIL's.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, 10, device=dev).uniform_(*scale) * (h * w)
+    aspect = torch.exp(torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    ok = (cw <= w) & (ch <= h)
+    first = ok.int().argmax(dim=1, keepdim=True)
+    found = ok.any(dim=1)
+    fw, fh = (float(w), float(h))
+    if w / h < min(ratio):  # torchvision's fallback: the whole image, clipped to the ratio range
+        fh = w / min(ratio)
+    elif w / h > max(ratio):
+        fw = h * max(ratio)
+    cw = torch.where(found, cw.gather(1, first).squeeze(1), fw)
+    ch = torch.where(found, ch.gather(1, first).squeeze(1), fh)
+    pos = torch.rand(b, 2, device=dev)
+    top = torch.where(found, pos[:, 0] * (h - ch), (h - ch) / 2)
+    left = torch.where(found, pos[:, 1] * (w - cw), (w - cw) / 2)
+    sx, sy = cw / w, ch / h
+    if flip > 0:
+        sx = torch.where(torch.rand(b, device=dev) < flip, -sx, sx)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = sx, sy
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * left + cw) / w - 1, (2 * top + ch) / h - 1
+    grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+_NORM_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def model_input(images: torch.Tensor, prep: TensorPrep, train: bool = False) -> torch.Tensor:
+    """Cached uint8 images [B, H, W, 3] (on any device) -> the model's float input [B, 3, H', W'] in
+    channels_last memory: the same values as ToTensor + Normalize of the PIL path, plus the train
+    transform's random crop and flip when ``train``."""
+    x = images.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
+    if train and (prep.crop is not None or prep.flip > 0):
+        size, scale, ratio, mode = prep.crop or (tuple(x.shape[2:]), (1.0, 1.0), (1.0, 1.0), "nearest")
+        x = random_resized_crop(x, size, scale, ratio, mode, prep.flip).clamp_(0, 255)
+        x = x.contiguous(memory_format=torch.channels_last)
+    key = (prep.mean, prep.std, x.device)
+    if key not in _NORM_CONSTANTS:
+        _NORM_CONSTANTS[key] = (torch.tensor(prep.mean, device=x.device).view(1, -1, 1, 1),
+                                torch.tensor(prep.std, device=x.device).view(1, -1, 1, 1))
+    mean, std = _NORM_CONSTANTS[key]
+    return x.div_(255).sub_(mean).div_(std)  # ToTensor's /255, then Normalize's (x - mean) / std
+
+
+class _Prepped(Dataset):
+    """``prep(load(i))`` as uint8 [H, W, 3]: what the cache stores (built in DataLoader workers)."""
+
+    def __init__(self, images: Dataset, pil: Callable):
+        self.images, self.pil = images, pil
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.pil(self.images[i]).convert("RGB"), dtype=np.uint8)
+
+
+def _stack(items: list[np.ndarray]) -> list[np.ndarray]:
+    return items
+
+
+def image_cache(name: str, signature: dict[str, Any], images: Dataset, prep: TensorPrep,
+                num_workers: int = 0) -> Path:
+    """The cache file of ``images`` (PIL images) after ``prep.pil``, written once (atomically) and reused.
+
+    ``signature`` identifies the images (dataset folder, split, rows, metadata stat); the file name is
+    ``<name>-<hash of signature and prep>.npy``, a uint8 array [N, H, W, 3].
+    """
+    from autoft.world import cache_dir, config_hash
+
+    path = cache_dir() / "images" / f"{name}-{config_hash({'images': signature, 'prep': prep.key})}.npy"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = _Prepped(images, prep.pil)
+    first = source[0]
+    log.info("caching %d %s images as uint8 %s into %s", len(source), name, list(first.shape), path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source), *first.shape))
+        loader = DataLoader(source, batch_size=64, num_workers=num_workers, collate_fn=_stack)
+        start = 0
+        for batch in loader:
+            for offset, image in enumerate(batch):
+                if image.shape != first.shape:
+                    raise UserError(f"{name}: image {start + offset} is {list(image.shape)} after "
+                                    f"{prep.key}, not {list(first.shape)}: images of one size are needed to "
+                                    f"cache them (set dataset.cache=false)")
+                out[start + offset] = image
+            start += len(batch)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def file_stat(path: Path) -> list[int]:
+    """Size and mtime of a file, for cache keys (0, 0 when missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [0, 0]
+    return [st.st_size, st.st_mtime_ns]
+
+
+def rows_hash(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class CachedImages(Dataset):
+    """One split from the cache: ``(uint8 [H, W, 3], label, metadata)``; a batch of indices is read with
+    one fancy index (``__getitems__``). The array is opened lazily, once per process (workers too)."""
+
+    def __init__(self, path: Path, rows: np.ndarray, y: torch.Tensor, metadata: torch.Tensor):
+        self.path, self.rows, self.y, self.metadata = Path(path), np.asarray(rows, dtype=np.int64), y, metadata
+        self._array: np.ndarray | None = None
+
+    def __getstate__(self):
+        return self.__dict__ | {"_array": None}  # workers open the file themselves, never receive its bytes
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.array.shape[1:3])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(np.array(self.array[self.rows[i]])), self.y[i], self.metadata[i]
+
+    def __getitems__(self, indices: list[int]):
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.array[self.rows[idx]]), self.y[idx], self.metadata[idx]
+
+
+def _batch(batch):
+    return batch  # CachedImages.__getitems__ already returns a batch
+
+
+class CachedLoaders:
+    """Loaders over :class:`CachedImages` splits for a Lightning data module (mixed in).
+
+    ``self.cached`` maps loader names to cached splits; a name not in it uses the module's own loader.
+    Loaders are built once and reused by every trial of a search (persistent workers when
+    ``num_workers > 0``: they only read the memory map, all randomness (order, crops) is drawn in the
+    main process and on the device from the trial's seed). ``on_after_batch_transfer`` turns uint8
+    batches into the model's input on the device.
+    """
+
+    cached: dict[str, CachedImages]
+    val_keys: tuple[str, ...] = ("val_id", "val_ood")  # what val_dataloader returns (a search trial: val_ood)
+    prep: TensorPrep | None = None
+    train_prep: TensorPrep | None = None
+
+    def _setup_cache(self, cached: dict[str, CachedImages], train_transform: Callable) -> None:
+        self.cached, self._loaders = cached, {}
+        if "train" in cached:
+            self.train_prep = train_prep(train_transform, self.prep, cached["train"].image_size)
+            if self.train_prep is None:  # an augmentation the tensor path does not have: train from files
+                log.info("dataset.cache: train transform %s has no tensor form; training reads image files",
+                         train_transform)
+                del self.cached["train"]
+
+    def _cached_loader(self, key: str) -> DataLoader:
+        if key not in self._loaders:
+            data, train = self.cached[key], key == "train"
+            bs = self.batch_size if train else self.eval_batch_size
+            self._loaders[key] = DataLoader(
+                data, batch_size=bs, shuffle=train, drop_last=train and len(data) > bs, collate_fn=_batch,
+                num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available())
+        return self._loaders[key]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y, meta = batch
+        if x.dtype != torch.uint8 or self.prep is None:
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        return model_input(x, self.train_prep if training else self.prep, train=training), y, meta
+
+
+class _WildsInputs(Dataset):
+    """The PIL images of some rows of a WILDS dataset (what the cache decodes)."""
+
+    def __init__(self, dataset, indices: np.ndarray):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset.get_input(int(self.indices[i]))
+
+
+class WildsDataModule(CachedLoaders, pl.LightningDataModule):
     """Train / ID-val / OOD-val / ID-test / OOD-test loaders for one WILDS dataset.
 
     ``shots``: train on a seeded k-shot subset (k examples per class) instead of the whole train split.
+    ``cache``: read images from the preprocessing cache (whole WILDS splits, so any subset reuses
+    them), labels and metadata from the wilds subsets as before; ``dataset.eval`` is unchanged.
     """
 
     def __init__(self, name: str, root: str | Path, train_transform: Callable, eval_transform: Callable,
                  batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0,
                  ood_val_size: int | None = None, ood_val_balanced: bool = False, subset_seed: int = 0,
-                 class_names: Sequence[str] | None = None, shots: int | None = None):
+                 class_names: Sequence[str] | None = None, shots: int | None = None, cache: bool = False):
         super().__init__()
         self.folder = wilds_folder(name, root)
         for check in wilds_checks(name, root, class_names).values():
@@ -341,6 +663,25 @@ class WildsDataModule(pl.LightningDataModule):
                 keep = subsample(subset.y_array.numpy(), ood_val_size, ood_val_balanced, subset_seed)
                 subset = WILDSSubset(self.dataset, subset.indices[keep], eval_transform)
             self.subsets[key] = subset
+        self.prep = eval_prep(eval_transform) if cache else None
+        if cache and self.prep is None:
+            log.warning("dataset.cache: eval transform %s has no cacheable form; reading image files", eval_transform)
+        self._setup_cache(self._cache_splits(name) if self.prep is not None else {}, train_transform)
+
+    def _cache_splits(self, name: str) -> dict[str, CachedImages]:
+        """Each loader's rows in the cache of its whole WILDS split."""
+        stats = {p.name: file_stat(p) for p in sorted(self.folder.glob("*.csv"))}
+        out = {}
+        for key, subset in self.subsets.items():
+            split = "train" if key == "train" else EVAL_SPLITS[key]
+            full = np.flatnonzero(self.dataset.split_array == self.dataset.split_dict[split])
+            signature = {"dataset": name, "folder": str(self.folder.resolve()), "split": split,
+                         "rows": rows_hash(full), "metadata": stats}
+            path = image_cache(f"{name}-{split}", signature, _WildsInputs(self.dataset, full), self.prep,
+                               self.num_workers)
+            rows = np.searchsorted(full, np.asarray(subset.indices))
+            out[key] = CachedImages(path, rows, subset.y_array, subset.metadata_array)
+        return out
 
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor,
                  metadata: torch.Tensor) -> dict[str, float]:
@@ -349,16 +690,19 @@ class WildsDataModule(pl.LightningDataModule):
         return {k: float(v) for k, v in results.items()}
 
     def train_dataloader(self):
+        if "train" in self.cached:
+            return self._cached_loader("train")
         train = self.subsets["train"]  # a k-shot set can be smaller than one batch: keep it
         return get_train_loader("standard", train, batch_size=self.batch_size, num_workers=self.num_workers,
                                 drop_last=len(train) > self.batch_size, persistent_workers=self.num_workers > 0)
 
     def _eval(self, keys: Sequence[str]):
-        return [get_eval_loader("standard", self.subsets[k], batch_size=self.eval_batch_size,
+        return [self._cached_loader(k) if k in self.cached else
+                get_eval_loader("standard", self.subsets[k], batch_size=self.eval_batch_size,
                                 num_workers=self.num_workers) for k in keys]
 
     def val_dataloader(self):
-        return self._eval(("val_id", "val_ood"))
+        return self._eval(self.val_keys)
 
     def test_dataloader(self):
         return self._eval(("test_id", "test_ood"))

@@ -31,7 +31,20 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from autoft import UserError
-from autoft.data import MissingData, WildsDataModule, k_shot, stratified_split, subsample, wilds_checks
+from autoft.data import (
+    CachedImages,
+    CachedLoaders,
+    MissingData,
+    WildsDataModule,
+    eval_prep,
+    file_stat,
+    image_cache,
+    k_shot,
+    rows_hash,
+    stratified_split,
+    subsample,
+    wilds_checks,
+)
 
 PCAM_CLASSNAMES = ("lymph node", "lymph node containing metastatic tumor tissue")  # CLIP's, as AutoFT used
 
@@ -99,18 +112,45 @@ class Benchmark:
     splits: dict[str, Callable[[], Split]]
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class _SplitImages(Dataset):
+    """A split's PIL images after its ``prep`` (what the cache decodes)."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int):
+        image = self.split.images[i][0]
+        return image if self.split.prep is None else self.split.prep(image)
+
+
+def _split_signature(split: Split, key: str) -> dict:
+    """What identifies a split's images for the cache: its source (and stat), rows and labels."""
+    images, rows = split.images, np.arange(len(split.labels))
+    while isinstance(images, Subset):  # rows of the underlying dataset, through every take()
+        rows, images = np.asarray(images.indices)[rows], images.dataset
+    prep = None if split.prep is None else getattr(split.prep, "__qualname__", type(split.prep).__name__)
+    return {"source": str(Path(split.source).resolve()), "stat": file_stat(Path(split.source)), "key": key,
+            "dataset": type(images).__name__, "rows": rows_hash(rows), "labels": rows_hash(split.labels),
+            "prep": prep}
+
+
+class ClassificationDataModule(CachedLoaders, pl.LightningDataModule):
     """Loaders with the interface of :class:`~autoft.data.WildsDataModule` for any :class:`Benchmark`.
 
     Test loaders: ``test_id``, then every OOD test set (``test_keys`` names them; with several, the
     fine-tuner logs each under its own name and their mean as ``test_ood``). ``class_groups`` maps a
-    loader to the model classes of each of its labels.
+    loader to the model classes of each of its labels. ``cache``: images from the preprocessing cache
+    (each split as used, after k-shot or subset selection).
     """
 
     def __init__(self, splits: Mapping[str, Split], class_names: Sequence[str], train_transform: Callable,
                  eval_transform: Callable, batch_size: int = 128, eval_batch_size: int = 512,
                  num_workers: int = 0, ood_val_size: int | None = None, ood_val_balanced: bool = False,
-                 subset_seed: int = 0, shots: int | None = None, ood_val_shots: int | None = None):
+                 subset_seed: int = 0, shots: int | None = None, ood_val_shots: int | None = None,
+                 cache: bool = False):
         super().__init__()
         self.class_names = list(class_names)
         self.train_transform, self.eval_transform = train_transform, eval_transform
@@ -129,22 +169,35 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.splits = splits
         self.test_keys = ("test_id", *(k for k in splits if k.startswith("test_") and k != "test_id"))
         self.class_groups = {k: s.groups for k, s in splits.items() if s.groups is not None}
+        self.prep = eval_prep(eval_transform) if cache else None
+        cached = {}
+        if self.prep is not None:
+            for key, split in splits.items():
+                path = image_cache(f"{Path(split.source).name}-{key}", _split_signature(split, key),
+                                   _SplitImages(split), self.prep, num_workers)
+                meta = np.zeros(len(split.labels), np.int64) if split.meta is None else split.meta
+                cached[key] = CachedImages(path, np.arange(len(split.labels)), torch.as_tensor(split.labels),
+                                           torch.as_tensor(meta, dtype=torch.int64)[:, None])
+        self._setup_cache(cached, train_transform)
 
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor) -> dict[str, float]:
         """Top-1 accuracy (the paper's metric for every non-WILDS benchmark)."""
         return {"acc": (y_pred == y_true).float().mean().item()}
 
     def train_dataloader(self):
+        if "train" in self.cached:
+            return self._cached_loader("train")
         train = Examples(self.splits["train"], self.train_transform)
         return DataLoader(train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           drop_last=len(train) > self.batch_size, persistent_workers=self.num_workers > 0)
 
     def _eval(self, keys: Sequence[str]):
-        return [DataLoader(Examples(self.splits[k], self.eval_transform), batch_size=self.eval_batch_size,
+        return [self._cached_loader(k) if k in self.cached else
+                DataLoader(Examples(self.splits[k], self.eval_transform), batch_size=self.eval_batch_size,
                            num_workers=self.num_workers) for k in keys]
 
     def val_dataloader(self):
-        return self._eval(("val_id", "val_ood"))
+        return self._eval(self.val_keys)
 
     def test_dataloader(self):
         return self._eval(self.test_keys)
@@ -595,7 +648,7 @@ def make_data(d: DictConfig, root: str | Path, train_transform: Callable, eval_t
     """The data module a dataset config names (``kind``; none: a WILDS dataset)."""
     common = dict(batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
                   ood_val_size=d.ood_val_size, ood_val_balanced=d.ood_val_balanced, subset_seed=d.subset_seed,
-                  shots=d.get("shots"))
+                  shots=d.get("shots"), cache=bool(d.get("cache", False)))
     if kind_of(d) == "wilds":
         return WildsDataModule(d.name, root, train_transform, eval_transform, class_names=d.get("class_names"),
                                **common)
