@@ -1,0 +1,179 @@
+"""Speed work that must not change results: short caption tokens, the preprocessing cache, trials without reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import autoft.finetune as ft
+from autoft.data import WildsDataModule, eval_prep, model_input, random_resized_crop
+from autoft.datasets import ArrayImages, ClassificationDataModule, Split
+from autoft.model import CLIPClassifier, load_clip
+from tests.conftest import overrides
+
+NAMES = ["fox", "deer", "great blue heron", "red-tailed hawk"]
+
+
+@pytest.mark.parametrize("name", ["autoft-tiny", "ViT-B-16"])
+def test_caption_tokens_cut_after_end_of_text_encode_to_the_same_features(name):
+    torch.manual_seed(0)
+    clip, _, _, tok = load_clip(name, None)  # random weights: the equality does not depend on them
+    clf = CLIPClassifier(clip, tok, NAMES, ["a photo of a {}."], train_text=True)
+    full = tok([f"a photo of a {n}." for n in NAMES])
+    assert clf.prefix_text and clf.caption_tokens.shape[1] < full.shape[1]
+    assert torch.equal(clf.caption_tokens, full[:, : clf.caption_tokens.shape[1]])
+    assert not full[:, clf.caption_tokens.shape[1]:].any()  # only padding was cut
+    with torch.no_grad():
+        torch.testing.assert_close(clf.encode_captions(clf.caption_tokens), clip.encode_text(full),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_trained_text_tower_encodes_each_class_once_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    clip, _, _, tok = load_clip("autoft-tiny", None)
+    clf = CLIPClassifier(clip, tok, NAMES, ["a photo of a {}."], train_text=True)
+    labels = torch.tensor([0, 3, 3, 1, 0, 2, 3])  # more images than classes: the gather path
+    weights = torch.randn(len(labels), 64)  # a fixed linear loss of the features
+
+    def grads(features):
+        clf.zero_grad()
+        (features * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in clf.named_parameters() if p.grad is not None}
+
+    gathered = clf.caption_features(labels)
+    g1 = grads(gathered)
+    per_image = F.normalize(clf.encode_captions(clf.caption_tokens[labels]), dim=-1)
+    torch.testing.assert_close(gathered, per_image)
+    g2 = grads(per_image)
+    assert g1.keys() == g2.keys() and any(n.startswith("clip.transformer.") for n in g1)
+    for n in g1:  # equal up to float summation order, relative to each gradient's scale
+        assert (g1[n] - g2[n]).abs().max() <= 1e-4 * g2[n].abs().max(), n
+
+
+def test_channels_last_gives_the_same_logits():
+    torch.manual_seed(0)
+    clip, _, _, tok = load_clip("autoft-tiny", None)
+    clf = CLIPClassifier(clip, tok, NAMES, ["a photo of a {}."])
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = clf(x)
+        after = clf.use_channels_last()(x)
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
+
+
+def _transforms():
+    _, train_tf, eval_tf, _ = load_clip("autoft-tiny", None)
+    return train_tf, eval_tf
+
+
+def test_cached_evaluation_batches_equal_the_pil_path_and_the_cache_is_written_once(tiny_world, cache):
+    _, root = tiny_world
+    train_tf, eval_tf = _transforms()
+    cached = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=40, cache=True)
+    files = sorted((cache / "images").glob("iwildcam-*.npy"))
+    splits = {f.name.split("-")[1] for f in files}
+    assert splits == {"train", "id_val", "val", "id_test", "test"}  # one file per WILDS split
+    assert not list((cache / "images").glob(".*.tmp"))  # written atomically
+    plain = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=40)
+    assert sorted(cached.cached) == ["test_id", "test_ood", "train", "val_id", "val_ood"]
+    for key in ("val_id", "val_ood", "test_id", "test_ood"):
+        (x, y, meta), = list(cached._eval([key])[0])
+        (want, y0, meta0), = list(plain._eval([key])[0])
+        assert x.dtype == torch.uint8 and torch.equal(y, y0) and torch.equal(meta, meta0), key
+        torch.testing.assert_close(model_input(x, cached.prep), want, rtol=0, atol=1e-6)
+    assert cached._eval(["val_ood"])[0] is cached._eval(["val_ood"])[0]  # loaders built once, reused by trials
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=20, subset_seed=3, cache=True)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes and len(again.cached["val_ood"]) == 20
+    x, _, _ = next(iter(again.train_dataloader()))
+    assert x.shape == (128, 32, 32, 3)
+    assert again.train_prep.crop == ((32, 32), (0.9, 1.0), (0.75, 4 / 3), "bicubic")  # open_clip's train transform
+
+
+def test_classification_data_module_caches_too(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.integers(0, 256, (n, 40, 48, 3), dtype=np.uint8) for k, n in
+              (("train", 12), ("val_id", 6), ("val_ood", 6), ("test_id", 6))}
+    splits = {}
+    for k, a in arrays.items():
+        path = tmp_path / f"{k}.npy"
+        np.save(path, a)
+        splits[k] = Split(ArrayImages(a), rng.integers(0, 3, len(a)), str(path), 3)
+    train_tf, eval_tf = _transforms()
+    cached = ClassificationDataModule(splits, ["a", "b", "c"], train_tf, eval_tf, batch_size=4, cache=True)
+    plain = ClassificationDataModule(splits, ["a", "b", "c"], train_tf, eval_tf, batch_size=4)
+    for key in ("val_id", "test_id"):
+        (x, y, meta), = list(cached._eval([key])[0])
+        (want, y0, meta0), = list(plain._eval([key])[0])
+        assert torch.equal(y, y0) and torch.equal(meta, meta0)
+        torch.testing.assert_close(model_input(x, cached.prep), want, rtol=0, atol=1e-6)
+
+
+def test_random_resized_crop_on_tensors():
+    x = torch.rand(4, 3, 16, 16) * 255
+    torch.manual_seed(0)
+    same = random_resized_crop(x, (16, 16), (1.0, 1.0), (1.0, 1.0), "bilinear")
+    torch.testing.assert_close(same, x, rtol=0, atol=1e-3)  # the whole image at its own size
+    flipped = random_resized_crop(x, (16, 16), (1.0, 1.0), (1.0, 1.0), "bilinear", flip=1.0)
+    torch.testing.assert_close(flipped, x.flip(-1), rtol=0, atol=1e-3)
+    torch.manual_seed(1)
+    a = random_resized_crop(x, (8, 8), (0.2, 0.5), (0.75, 4 / 3), "bicubic", flip=0.5)
+    torch.manual_seed(1)
+    assert a.shape == (4, 3, 8, 8) and torch.equal(a, random_resized_crop(x, (8, 8), (0.2, 0.5), (0.75, 4 / 3),
+                                                                          "bicubic", flip=0.5))
+    assert not torch.allclose(a[0], F.interpolate(x[:1], size=(8, 8), mode="bilinear")[0], atol=1.0)
+
+
+def test_uncacheable_transforms_fall_back_to_files():
+    from torchvision import transforms as T
+
+    assert eval_prep(T.Compose([T.ColorJitter(0.5), T.ToTensor()])) is None
+    assert eval_prep(lambda image: image) is None
+    prep = eval_prep(T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor()]))
+    assert prep.mean == (0.0, 0.0, 0.0) and prep.std == (1.0, 1.0, 1.0)
+
+
+def _cfg(tmp_path, *extra: str):
+    with initialize_config_dir(config_dir=ft.CONF_DIR, version_base="1.3"):
+        cfg = compose("finetune", overrides=overrides() + ["logger=csv", "test=false", *extra])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+        cfg.logger.save_dir = str(tmp_path)
+    return cfg
+
+
+def test_second_trial_in_one_process_reuses_the_model_and_equals_a_fresh_run(tmp_path, monkeypatch):
+    loads = []
+    real = ft.load_clip
+    monkeypatch.setattr(ft, "load_clip", lambda *a, **k: loads.append(a) or real(*a, **k))
+    first = _cfg(tmp_path / "a", "objective=robust", "optim.lr=1e-3", "seed=1")  # l2init, flyp: moves theta
+    second = _cfg(tmp_path / "b", "+objective.weights.l1init=0.01", "optim.lr=5e-4", "seed=2")
+    ft._BUILT.clear()
+    ft.run(first)
+    model = next(iter(ft._BUILT.values()))[0]
+    ft.run(second)
+    assert len(loads) == 1 and next(iter(ft._BUILT.values()))[0] is model  # no reload: same model object
+    reused = json.loads((tmp_path / "b" / "results.json").read_text())
+    reused_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ft._BUILT.clear()  # a fresh process: nothing kept
+    ft.run(_cfg(tmp_path / "c", "+objective.weights.l1init=0.01", "optim.lr=5e-4", "seed=2"))
+    assert len(loads) == 2
+    fresh = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert reused == fresh and "val_ood/neg_ce" in fresh  # a continuous metric: any difference would show
+    fresh_state = next(iter(ft._BUILT.values()))[0].state_dict()
+    assert all(torch.equal(v, fresh_state[k]) for k, v in reused_state.items())  # the same weights, bit for bit
+
+
+def test_search_trials_validate_only_what_they_are_scored_on(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert ft.validation_keys(cfg, search=False) == ("val_id", "val_ood")
+    assert ft.validation_keys(cfg, search=True) == ("val_ood",)
+    with open_dict(cfg):
+        cfg.returns = ["val_id", "val_ood"]
+    assert ft.validation_keys(cfg, search=True) == ("val_id", "val_ood")
