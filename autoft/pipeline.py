@@ -36,11 +36,11 @@ def _compose(name: str, overrides: list[str]):
         return compose(name, overrides=overrides, return_hydra_config=False)
 
 
-def search(out: Path, seed: int, trials: int, extra: list[str]) -> Path:
+def search(out: Path, seed: int, trials: int | None, extra: list[str]) -> Path:
     """Run the search as a Hydra multirun in a child process; return its best_params.yaml."""
     cmd = [sys.executable, "-m", "autoft.finetune", "-m", "search=embedded", f"dataset.world.seed={seed}",
            f"hydra.sweep.dir={out / 'search'}", f"hydra.sweeper.sampler.seed={seed}",
-           f"hydra.sweeper.n_trials={trials}", *extra]
+           *([f"hydra.sweeper.n_trials={trials}"] if trials else []), *extra]
     log.info("search: %s", " ".join(cmd[1:]))
     if subprocess.run(cmd).returncode != 0:
         raise UserError(f"the search failed (see its output above); re-running resumes it: {' '.join(cmd)}")
@@ -50,7 +50,8 @@ def search(out: Path, seed: int, trials: int, extra: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="world, pretraining and search seed")
-    parser.add_argument("--trials", type=int, default=20, help="search trials (finished, across restarts)")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="search trials, finished across restarts (default: search=embedded's n_trials)")
     parser.add_argument("--epochs", type=int, default=6, help="final-training budget, same for every method")
     parser.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT alpha reported in the table")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default outputs/main/seed<S>)")

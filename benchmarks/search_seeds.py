@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import yaml
 
 from autoft import atomic_write
 from autoft.pipeline import main as pipeline
@@ -25,7 +26,8 @@ PRUNING = ["hydra.sweeper.pruner.name=successive_halving", "+hydra.sweeper.prune
 
 
 def inner_steps(run: Path, seed: int) -> int:
-    study = optuna.load_study(study_name=f"autoft-embedded-seed{seed}", storage=f"sqlite:///{run / 'search/optuna.db'}")
+    name = yaml.safe_load((run / "search" / "best_params.yaml").read_text())["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{run / 'search/optuna.db'}")
     return sum(t.user_attrs.get("inner_steps", 0) for t in study.trials)
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pruned", action="store_true", help="also run each search with pruning")
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=None, help="default: search=embedded's n_trials")
     parser.add_argument("--out", type=Path, default=Path("outputs/search_seeds"))
     args = parser.parse_args(argv)
     variants = {"unpruned": []} | ({"pruned": PRUNING} if args.pruned else {})
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in variants.items():
         for seed in args.seeds:
             run = args.out / name / f"seed{seed}"
-            argv_run = ["--seed", str(seed), "--trials", str(args.trials), "--out", str(run), "logger=csv"]
+            argv_run = ["--seed", str(seed), "--out", str(run), "logger=csv"]
+            argv_run += ["--trials", str(args.trials)] if args.trials else []
             argv_run += [a for o in extra for a in ("--search-override", o)]
             if pipeline(argv_run) != 0:
                 return 2
