@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from autoft import UserError, atomic_write
 from autoft.data import WildsDataModule, file_stat
@@ -232,10 +233,20 @@ def build(cfg: DictConfig, reuse: bool = False) -> tuple[CLIPClassifier, pl.Ligh
     return model, data
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, then renamed: Lightning's own writer streams into the
+    destination, so a kill mid-write would leave a truncated checkpoint where a good one was."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
 def make_trainer(cfg: DictConfig, logger=None, **overrides) -> pl.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) | overrides
     if kwargs.get("precision") == "auto":  # bf16 autocast where a GPU exists, fp32 on CPU
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     return pl.Trainer(logger=logger if logger is not None else False, **kwargs)
 
 

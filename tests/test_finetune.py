@@ -103,3 +103,27 @@ def test_wandb_runs_offline_without_login_and_writes_the_run(tmp_path, monkeypat
     run(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A checkpoint write that dies midway leaves the previous checkpoint intact and no stray file."""
+    from autoft.finetune import AtomicCheckpointIO, make_trainer
+
+    trainer = make_trainer(_cfg(tmp_path))
+    io = trainer.strategy.checkpoint_io
+    assert isinstance(io, AtomicCheckpointIO)
+    path = tmp_path / "ckpt" / "best.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    good = path.read_bytes()
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.ckpt"]
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
