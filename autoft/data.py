@@ -480,6 +480,37 @@ def _stack(items: list[np.ndarray]) -> list[np.ndarray]:
     return items
 
 
+def image_cache_path(name: str, signature: dict[str, Any], prep: TensorPrep) -> Path:
+    from autoft.world import cache_dir, config_hash
+
+    return cache_dir() / "images" / f"{name}-{config_hash({'images': signature, 'prep': prep.key})}.npy"
+
+
+@dataclass(eq=False)
+class CacheFile:
+    """A cache file not necessarily written yet: :func:`image_cache`'s arguments, run on first use, so a
+    run caches only the splits it reads (a search never reads the test splits)."""
+
+    name: str
+    signature: dict[str, Any]
+    images: Dataset
+    prep: TensorPrep
+    num_workers: int = 0
+
+    @property
+    def path(self) -> Path:
+        return image_cache_path(self.name, self.signature, self.prep)
+
+    def write(self) -> Path:
+        return image_cache(self.name, self.signature, self.images, self.prep, self.num_workers)
+
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the cached images, without writing the file."""
+        if self.path.is_file():
+            return tuple(np.load(self.path, mmap_mode="r").shape[1:3])
+        return tuple(np.asarray(self.prep.pil(self.images[0])).shape[:2])
+
+
 def image_cache(name: str, signature: dict[str, Any], images: Dataset, prep: TensorPrep,
                 num_workers: int = 0) -> Path:
     """The cache file of ``images`` (PIL images) after ``prep.pil``, written once (atomically) and reused.
@@ -487,9 +518,7 @@ def image_cache(name: str, signature: dict[str, Any], images: Dataset, prep: Ten
     ``signature`` identifies the images (dataset folder, split, rows, metadata stat); the file name is
     ``<name>-<hash of signature and prep>.npy``, a uint8 array [N, H, W, 3].
     """
-    from autoft.world import cache_dir, config_hash
-
-    path = cache_dir() / "images" / f"{name}-{config_hash({'images': signature, 'prep': prep.key})}.npy"
+    path = image_cache_path(name, signature, prep)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -533,23 +562,34 @@ def rows_hash(rows: np.ndarray) -> str:
 
 class CachedImages(Dataset):
     """One split from the cache: ``(uint8 [H, W, 3], label, metadata)``; a batch of indices is read with
-    one fancy index (``__getitems__``). The array is opened lazily, once per process (workers too)."""
+    one fancy index (``__getitems__``). ``file``: a written cache file, or a :class:`CacheFile` written
+    on first use. The array is opened lazily, once per process (workers too)."""
 
-    def __init__(self, path: Path, rows: np.ndarray, y: torch.Tensor, metadata: torch.Tensor):
-        self.path, self.rows, self.y, self.metadata = Path(path), np.asarray(rows, dtype=np.int64), y, metadata
+    def __init__(self, file: Path | CacheFile, rows: np.ndarray, y: torch.Tensor, metadata: torch.Tensor):
+        self.file = file
+        self.path = file.path if isinstance(file, CacheFile) else Path(file)
+        self.rows, self.y, self.metadata = np.asarray(rows, dtype=np.int64), y, metadata
         self._array: np.ndarray | None = None
 
-    def __getstate__(self):
-        return self.__dict__ | {"_array": None}  # workers open the file themselves, never receive its bytes
+    def __getstate__(self):  # workers open the written file themselves, never receive its bytes
+        return self.__dict__ | {"_array": None, "file": self.path}
+
+    def ensure(self) -> CachedImages:
+        """Write the cache file if it is not there yet."""
+        if isinstance(self.file, CacheFile) and not self.path.is_file():
+            self.file.write()
+        return self
 
     @property
     def array(self) -> np.ndarray:
         if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
+            self._array = np.load(self.ensure().path, mmap_mode="r")
         return self._array
 
     @property
     def image_size(self) -> tuple[int, int]:
+        if self._array is None and isinstance(self.file, CacheFile):
+            return self.file.image_size()
         return tuple(self.array.shape[1:3])
 
     def __len__(self) -> int:
@@ -593,7 +633,7 @@ class CachedLoaders:
 
     def _cached_loader(self, key: str) -> DataLoader:
         if key not in self._loaders:
-            data, train = self.cached[key], key == "train"
+            data, train = self.cached[key].ensure(), key == "train"
             bs = self.batch_size if train else self.eval_batch_size
             self._loaders[key] = DataLoader(
                 data, batch_size=bs, shuffle=train, drop_last=train and len(data) > bs, collate_fn=_batch,
@@ -669,7 +709,7 @@ class WildsDataModule(CachedLoaders, pl.LightningDataModule):
         self._setup_cache(self._cache_splits(name) if self.prep is not None else {}, train_transform)
 
     def _cache_splits(self, name: str) -> dict[str, CachedImages]:
-        """Each loader's rows in the cache of its whole WILDS split."""
+        """Each loader's rows in the cache of its whole WILDS split (written when first read)."""
         stats = {p.name: file_stat(p) for p in sorted(self.folder.glob("*.csv"))}
         out = {}
         for key, subset in self.subsets.items():
@@ -677,10 +717,10 @@ class WildsDataModule(CachedLoaders, pl.LightningDataModule):
             full = np.flatnonzero(self.dataset.split_array == self.dataset.split_dict[split])
             signature = {"dataset": name, "folder": str(self.folder.resolve()), "split": split,
                          "rows": rows_hash(full), "metadata": stats}
-            path = image_cache(f"{name}-{split}", signature, _WildsInputs(self.dataset, full), self.prep,
-                               self.num_workers)
+            file = CacheFile(f"{name}-{split}", signature, _WildsInputs(self.dataset, full), self.prep,
+                             self.num_workers)
             rows = np.searchsorted(full, np.asarray(subset.indices))
-            out[key] = CachedImages(path, rows, subset.y_array, subset.metadata_array)
+            out[key] = CachedImages(file, rows, subset.y_array, subset.metadata_array)
         return out
 
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor,

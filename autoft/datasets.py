@@ -34,11 +34,11 @@ from autoft import UserError
 from autoft.data import (
     CachedImages,
     CachedLoaders,
+    CacheFile,
     MissingData,
     WildsDataModule,
     eval_prep,
     file_stat,
-    image_cache,
     k_shot,
     rows_hash,
     stratified_split,
@@ -173,10 +173,10 @@ class ClassificationDataModule(CachedLoaders, pl.LightningDataModule):
         cached = {}
         if self.prep is not None:
             for key, split in splits.items():
-                path = image_cache(f"{Path(split.source).name}-{key}", _split_signature(split, key),
-                                   _SplitImages(split), self.prep, num_workers)
+                file = CacheFile(f"{Path(split.source).name}-{key}", _split_signature(split, key),
+                                 _SplitImages(split), self.prep, num_workers)
                 meta = np.zeros(len(split.labels), np.int64) if split.meta is None else split.meta
-                cached[key] = CachedImages(path, np.arange(len(split.labels)), torch.as_tensor(split.labels),
+                cached[key] = CachedImages(file, np.arange(len(split.labels)), torch.as_tensor(split.labels),
                                            torch.as_tensor(meta, dtype=torch.int64)[:, None])
         self._setup_cache(cached, train_transform)
 

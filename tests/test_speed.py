@@ -72,27 +72,30 @@ def _transforms():
     return train_tf, eval_tf
 
 
-def test_cached_evaluation_batches_equal_the_pil_path_and_the_cache_is_written_once(tiny_world, cache):
+def test_cached_evaluation_batches_equal_the_pil_path_and_the_cache_is_written_once(tiny_world, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path))
     _, root = tiny_world
     train_tf, eval_tf = _transforms()
     cached = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=40, cache=True)
-    files = sorted((cache / "images").glob("iwildcam-*.npy"))
-    splits = {f.name.split("-")[1] for f in files}
-    assert splits == {"train", "id_val", "val", "id_test", "test"}  # one file per WILDS split
-    assert not list((cache / "images").glob(".*.tmp"))  # written atomically
-    plain = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=40)
     assert sorted(cached.cached) == ["test_id", "test_ood", "train", "val_id", "val_ood"]
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").iterdir())  # written when read
+    plain = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=40)
     for key in ("val_id", "val_ood", "test_id", "test_ood"):
         (x, y, meta), = list(cached._eval([key])[0])
         (want, y0, meta0), = list(plain._eval([key])[0])
         assert x.dtype == torch.uint8 and torch.equal(y, y0) and torch.equal(meta, meta0), key
         torch.testing.assert_close(model_input(x, cached.prep), want, rtol=0, atol=1e-6)
     assert cached._eval(["val_ood"])[0] is cached._eval(["val_ood"])[0]  # loaders built once, reused by trials
+    files = sorted((tmp_path / "images").glob("iwildcam-*.npy"))
+    assert {f.name.split("-")[1] for f in files} == {"id_val", "val", "id_test", "test"}  # one per WILDS split
+    assert not list((tmp_path / "images").glob(".*.tmp"))  # written atomically
     mtimes = [f.stat().st_mtime_ns for f in files]
     again = WildsDataModule("iwildcam", root, train_tf, eval_tf, ood_val_size=20, subset_seed=3, cache=True)
-    assert [f.stat().st_mtime_ns for f in files] == mtimes and len(again.cached["val_ood"]) == 20
+    assert len(list(again._eval(["val_ood"])[0])[0][0]) == 20
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # another subset of the same split: same file
     x, _, _ = next(iter(again.train_dataloader()))
-    assert x.shape == (128, 32, 32, 3)
+    assert x.shape == (128, 32, 32, 3) and len(list((tmp_path / "images").glob("iwildcam-train-*.npy"))) == 1
     assert again.train_prep.crop == ((32, 32), (0.9, 1.0), (0.75, 4 / 3), "bicubic")  # open_clip's train transform
 
 
