@@ -3,8 +3,10 @@
 WILDS datasets go through ``wilds.get_dataset(..., download=False)``, its subsets, its
 ``get_train_loader``/``get_eval_loader`` and its ``dataset.eval`` metrics, so the numbers are
 the benchmark's own. Training uses the model's augmenting transform; every evaluation split
-uses the eval transform. Before wilds reads a folder, the metadata it relies on is checked, so a
-malformed dataset is one line naming the file and field instead of an assertion deep in wilds.
+uses the eval transform. With ``cache`` the images come from the preprocessing cache (see
+"preprocessing cache" below) and the transforms' tensor part runs on the device. Before wilds
+reads a folder, the metadata it relies on is checked, so a malformed dataset is one line naming
+the file and field instead of an assertion deep in wilds.
 
 Two known wilds 2.0.0 traps are fixed here, once, at import:
 * ``avg_over_groups`` (FMoW's per-region and per-year accuracy) imports ``torch_scatter``, which
@@ -39,8 +41,8 @@ from wilds.datasets.wilds_dataset import WILDSSubset
 
 from autoft import UserError
 
-# loader name -> WILDS split. "val_ood" is the (small) OOD validation set the search scores on.
 log = logging.getLogger(__name__)
+# loader name -> WILDS split. "val_ood" is the (small) OOD validation set the search scores on.
 EVAL_SPLITS = {"val_id": "id_val", "val_ood": "val", "test_id": "id_test", "test_ood": "test"}
 WILDS_FOLDERS = {"iwildcam": "iwildcam_v2.0", "fmow": "fmow_v1.1"}
 WILDS_SPLITS = ("train", "id_val", "id_test", "val", "test")
