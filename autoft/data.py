@@ -661,7 +661,11 @@ class _WildsInputs(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        return self.dataset.get_input(int(self.indices[i]))
+        row = int(self.indices[i])
+        try:
+            return self.dataset.get_input(row)
+        except OSError as e:  # PIL's "cannot identify image file '<path>'" and unreadable files
+            raise UserError(f"unreadable image (row {row} of {self.dataset.dataset_name}): {e}") from None
 
 
 class WildsDataModule(CachedLoaders, pl.LightningDataModule):

@@ -363,7 +363,8 @@ def main(cfg: DictConfig) -> float | list[float]:
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records it as this trial's failure and goes on
-        print(f"error: {e}", file=sys.stderr)
+        # a DataLoader worker re-raises with its traceback in the message: its last line is the error
+        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)
 
 
