@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from autoft import UserError, atomic_write
 from autoft.finetune import CONF_DIR, build, evaluate, finetune, finish_logger, make_logger
-from autoft.model import interpolate
+from autoft.model import CLIPClassifier, interpolate
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,23 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
     return cfg
 
 
-def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path, **wandb_run: str) -> dict[str, Any]:
+def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path,
+                prepare: Callable[[CLIPClassifier, Any], None] | None = None, **wandb_run: str) -> dict[str, Any]:
     """Retrain with ``params``, keep the best-ID-val epoch, test it, then WiSE-FT over ``cfg.wise_alphas``.
 
-    ``wandb_run`` (group, name) places the run beside its study's trials in W&B."""
+    ``prepare(model, data)`` changes the model after the zero-shot weights are kept and before
+    training (LP-FT starts from its linear probe; WiSE-FT still mixes with the zero-shot weights).
+    ``wandb_run`` (group, name, job_type, tags) places the run beside its study's trials in W&B."""
     cfg = apply_params(cfg, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, data = build(cfg)
     zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if prepare is not None:
+        prepare(model, data)
     metric = cfg.dataset.metric
     best_ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best-{epoch}", monitor=f"val_id/{metric}",
                                 mode="max", save_top_k=1, save_weights_only=True)
-    logger = make_logger(cfg, job_type="final", **wandb_run)
+    logger = make_logger(cfg, **({"job_type": "final"} | wandb_run))
     module = finetune(cfg, model, data, logger, callbacks=[best_ckpt])  # tests the best epoch (ckpt_path="best")
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atomic_write(out_dir / "finetuned.pt", lambda f: torch.save(tuned, f))
