@@ -223,7 +223,7 @@ def build(cfg: DictConfig, reuse: bool = False) -> tuple[CLIPClassifier, pl.Ligh
     clip, train_tf, eval_tf, tokenizer = load_clip(cfg.model.name, pretrained)
     data = make_data(cfg.dataset, root, train_tf, eval_tf)
     model = CLIPClassifier(clip, tokenizer, data.class_names, templates(cfg.dataset.templates),
-                           train_text=cfg.model.train_text)
+                           train_text=cfg.model.train_text, text_head=cfg.model.get("text_head", False))
     if cfg.model.get("channels_last", False):
         model.use_channels_last()
     if cfg.model.get("compile", False):

@@ -125,13 +125,15 @@ class CLIPClassifier(nn.Module):
     ``logit_scale`` is frozen (it is folded into the head). The text tower is frozen unless
     ``train_text``; when frozen, the class-caption features are computed once and reused (and
     recomputed after :meth:`restore`). ``channels_last``: images enter the tower in that memory format.
+    ``text_head`` (FLYP): the head is not a trained layer but the zero-shot classifier of the current
+    text tower, rebuilt whenever the model enters eval mode.
     """
 
     def __init__(self, clip: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
-                 caption_template: str | None = None, train_text: bool = False):
+                 caption_template: str | None = None, train_text: bool = False, text_head: bool = False):
         super().__init__()
         self.clip = clip
-        self.train_text = train_text
+        self.train_text, self.text_head = train_text, text_head
         scale = clip.logit_scale.exp().item()
         weights = zeroshot_weights(clip, tokenizer, class_names, templates)
         self.head = nn.Linear(weights.shape[1], weights.shape[0])
@@ -144,6 +146,12 @@ class CLIPClassifier(nn.Module):
         if self.prefix_text:  # cut after the longest caption's end-of-text token: a fixed, short shape
             tokens = tokens[:, : int(pooled_positions(clip, tokens).max()) + 1].contiguous()
         self.register_buffer("caption_tokens", tokens, persistent=False)
+        if text_head:  # every (class, template) prompt, to rebuild the zero-shot head from the text tower
+            prompts = tokenizer([t.format(c) for c in class_names for t in templates])
+            if self.prefix_text:
+                prompts = prompts[:, : int(pooled_positions(clip, prompts).max()) + 1].contiguous()
+            self.register_buffer("prompt_tokens", prompts.view(len(class_names), len(templates), -1), persistent=False)
+            self.head.requires_grad_(False)  # the head is the text tower's: rebuilt, never trained
         self._frozen_captions: torch.Tensor | None = None
         self.channels_last = False
         clip.logit_scale.requires_grad_(False)
@@ -181,6 +189,23 @@ class CLIPClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.image_features(images))
+
+    @torch.no_grad()
+    def refresh_head(self) -> None:
+        """The zero-shot head rebuilt from the current text tower (FLYP classifies this way)."""
+        k, t, length = self.prompt_tokens.shape
+        feats = torch.cat([self.encode_captions(chunk) for chunk in self.prompt_tokens.view(k * t, length).split(1024)])
+        emb = F.normalize(F.normalize(feats.float(), dim=-1).view(k, t, -1).mean(1), dim=-1)
+        self.head.weight.copy_(emb * self.logit_scale)
+        self.head.bias.zero_()
+
+    def train(self, mode: bool = True) -> CLIPClassifier:
+        """With ``text_head``, entering eval mode (every validation, test, WiSE-FT evaluation)
+        rebuilds the head, so it always matches the text tower being fine-tuned."""
+        super().train(mode)
+        if not mode and self.text_head:
+            self.refresh_head()
+        return self
 
     def caption_features(self, labels: torch.Tensor) -> torch.Tensor:
         """Normalised text features of each label's class caption (for the flyp term)."""
