@@ -96,22 +96,26 @@ def final_train(cfg: DictConfig, params: dict[str, Any], out_dir: Path,
     logger = make_logger(cfg, **({"job_type": "final"} | wandb_run))
     module = finetune(cfg, model, data, logger, callbacks=[best_ckpt])  # tests the best epoch (ckpt_path="best")
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / "finetuned.pt", lambda f: torch.save(tuned, f))
+    writer = module.trainer.is_global_zero  # DDP: every rank holds the same weights and metrics; one writes
+    if writer:
+        atomic_write(out_dir / "finetuned.pt", lambda f: torch.save(tuned, f))
     wise = []
     for alpha in cfg.wise_alphas:
         model.load_state_dict(interpolate(zero_shot, tuned, float(alpha)))
-        res = evaluate(cfg, model, data)
+        res = evaluate(cfg, model, data)  # under DDP too: on every rank, over the whole test splits
         # few-shot and transfer sets have no OOD test set: their "ood" is None
         wise.append({"alpha": float(alpha), "id": res[f"test_id/{metric}"], "ood": res.get(f"test_ood/{metric}")})
         log.info("WiSE-FT alpha %.2f: ID %.4f OOD %s", alpha, wise[-1]["id"], wise[-1]["ood"])
     model.load_state_dict(tuned)
     score = best_ckpt.best_model_score  # None when the budget ended before any validation
-    summary = {"params": params, "results": module.results, "wise": wise, "best_checkpoint": best_ckpt.best_model_path,
+    summary = {"params": params, "results": module.results, "examples": module.examples, "wise": wise,
+               "best_checkpoint": best_ckpt.best_model_path,
                "best_epoch_metric": None if score is None else float(score)}
     if logger is not None:
         logger.log_metrics({f"wise/{w['alpha']}/{k}": w[k] for w in wise for k in ("id", "ood") if w[k] is not None})
     finish_logger(logger, module.results)
-    atomic_write(out_dir / "final.json", json.dumps(summary, indent=1, default=float))
+    if writer:
+        atomic_write(out_dir / "final.json", json.dumps(summary, indent=1, default=float))
     return summary
 
 

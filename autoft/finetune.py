@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
 from autoft.data import WildsDataModule, file_stat
@@ -35,6 +36,10 @@ from autoft.world import config_hash
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per fit: noise, not news.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Under DDP, FineTuner gathers every rank's predictions and each rank computes the whole split's metrics
+# (each example once): Lightning's advice to sync logged metrics or evaluate on one device does not apply.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed setting")
+warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
 VAL_KEYS, TEST_KEYS = ("val_id", "val_ood"), ("test_id", "test_ood")
 # The repo's top-level conf/ (resolved through the editable install's symlinks).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -60,6 +65,7 @@ class FineTuner(pl.LightningModule):
         self.lr, self.weight_decay, self.schedule, self.warmup_steps = lr, weight_decay, schedule, warmup_steps
         self._outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self.results: dict[str, float] = {}
+        self.examples: dict[str, int] = {}  # how many examples each loader's metrics are over
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # after backward and AMP unscaling, before clipping and the step
@@ -93,15 +99,38 @@ class FineTuner(pl.LightningModule):
         groups = getattr(self.trainer.datamodule, "class_groups", {}).get(key)
         if groups is not None:  # labels are groups of the model's classes (ImageNet-R/-A, ObjectNet): max-pool
             logits = logits[:, groups.to(logits.device)].amax(-1)
-        ce = F.cross_entropy(logits, y, reduction="sum")
-        self._outputs.setdefault(dataloader_idx, []).append((logits.argmax(-1).cpu(), y.cpu(), meta.cpu(), ce.cpu()))
+        # one process: the batch's summed CE; DDP: each example's, since a padded shard repeats some examples
+        ce = F.cross_entropy(logits, y, reduction="sum" if self.trainer.world_size == 1 else "none")
+        self._outputs.setdefault(dataloader_idx, []).append(
+            (logits.argmax(-1).cpu(), y.cpu(), meta.cpu(), ce.reshape(-1).cpu()))
+
+    def _gather(self, dataloader_idx: int, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every rank's rows of one loader, each example once, in the dataset's order.
+
+        Lightning gives each rank a ``DistributedSampler`` shard (indices r, r + W, ...; the last ones
+        padded with repeats); the sampler says which example each local row is, so the rows are sorted
+        by example and repeats dropped, whatever the sampler (and any batch limit) did.
+        """
+        loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        rows = torch.as_tensor(list(loader.sampler)[:len(columns[0])], dtype=torch.long)
+        parts: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, (rows, *columns))
+        rows, *columns = (torch.cat(c) for c in zip(*parts, strict=True))
+        order = torch.argsort(rows, stable=True)
+        first = torch.ones(len(rows), dtype=torch.bool)
+        first[1:] = rows[order][1:] != rows[order][:-1]
+        return tuple(c[order[first]] for c in columns)
 
     def _report(self, keys: tuple[str, ...]) -> None:
-        """Each loader's metrics: the dataset's own, plus ``neg_ce`` (the few-shot search objective)."""
+        """Each loader's metrics: the dataset's own, plus ``neg_ce`` (the few-shot search objective),
+        over the whole split under DDP too (each rank gathers all ranks' rows: every rank has the same)."""
         for idx, key in enumerate(keys):
-            preds, ys, metas, ces = zip(*self._outputs.pop(idx, []), strict=True)
-            preds, ys, metas = torch.cat(preds), torch.cat(ys), torch.cat(metas)
-            metrics = self.evaluate(preds, ys, metas) | {"neg_ce": -torch.stack(ces).sum().item() / len(ys)}
+            preds, ys, metas, ces = (torch.cat(c) for c in zip(*self._outputs.pop(idx, []), strict=True))
+            if self.trainer.world_size > 1:
+                preds, ys, metas, ces = self._gather(idx, preds, ys, metas, ces)
+            self.examples[key] = len(ys)
+            metrics = self.evaluate(preds, ys, metas) | {"neg_ce": -ces.sum().item() / len(ys)}
             metrics = {f"{key}/{k}": v for k, v in metrics.items()}
             self.results.update(metrics)
             self.log_dict(metrics, add_dataloader_idx=False)
@@ -311,8 +340,10 @@ def make_logger(cfg: DictConfig, trial=None, **wandb_run: str):
     return logger
 
 
+@rank_zero_only
 def finish_logger(logger, results: dict[str, float]) -> None:
-    """Final metrics as the run's summary; close a W&B run so the next job in this process starts clean."""
+    """Final metrics as the run's summary; close a W&B run so the next job in this process starts clean.
+    Rank 0 only: under DDP the other ranks' W&B experiment is a stand-in without a summary."""
     if type(logger).__name__ == "WandbLogger":
         logger.experiment.summary.update(results)
         logger.experiment.finish()
@@ -344,9 +375,10 @@ def run(cfg: DictConfig) -> float | list[float]:
     callbacks = [OptunaPruning(trial, key)] if trial is not None else []
     module = finetune(cfg, model, data, logger, callbacks)
     finish_logger(logger, module.results)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps(module.results, indent=1, sort_keys=True))
+    if module.trainer.is_global_zero:  # DDP: every rank has the same results; one writes them
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "results.json", json.dumps(module.results, indent=1, sort_keys=True))
     keys = [f"{split}/{metric}" for split in cfg.returns]
     missing = [k for k in keys if k not in module.results]
     if missing:
