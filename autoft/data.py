@@ -643,6 +643,25 @@ class CachedLoaders:
                 pin_memory=torch.cuda.is_available())
         return self._loaders[key]
 
+    def _eval_dataset(self, key: str) -> Dataset:
+        """Split ``key`` read from its files through the eval transform (the train split too)."""
+        raise NotImplementedError
+
+    def plain_batches(self, key: str, device: torch.device | str = "cpu"):
+        """``(x, y, metadata)`` batches of any split, the train split included, un-augmented and in
+        order, as model inputs on ``device``: what a linear probe's frozen features are computed from.
+        Works outside a trainer (the cached path applies the eval preprocessing here)."""
+        if key in self.cached:
+            loader = DataLoader(self.cached[key].ensure(), batch_size=self.eval_batch_size, collate_fn=_batch,
+                                num_workers=self.num_workers)
+        else:
+            loader = DataLoader(self._eval_dataset(key), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        for x, y, meta in loader:
+            x = x.to(device)
+            if x.dtype == torch.uint8 and self.prep is not None:
+                x = model_input(x, self.prep)
+            yield x, y, meta
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y, meta = batch
         if x.dtype != torch.uint8 or self.prep is None:
@@ -728,6 +747,9 @@ class WildsDataModule(CachedLoaders, pl.LightningDataModule):
             rows = np.searchsorted(full, np.asarray(subset.indices))
             out[key] = CachedImages(file, rows, subset.y_array, subset.metadata_array)
         return out
+
+    def _eval_dataset(self, key: str) -> Dataset:
+        return WILDSSubset(self.dataset, self.subsets[key].indices, self.eval_transform)
 
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor,
                  metadata: torch.Tensor) -> dict[str, float]:

@@ -180,6 +180,9 @@ class ClassificationDataModule(CachedLoaders, pl.LightningDataModule):
                                            torch.as_tensor(meta, dtype=torch.int64)[:, None])
         self._setup_cache(cached, train_transform)
 
+    def _eval_dataset(self, key: str) -> Dataset:
+        return Examples(self.splits[key], self.eval_transform)
+
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor) -> dict[str, float]:
         """Top-1 accuracy (the paper's metric for every non-WILDS benchmark)."""
         return {"acc": (y_pred == y_true).float().mean().item()}

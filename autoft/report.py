@@ -170,6 +170,12 @@ def _params_vary(trials: Iterable[FrozenTrial]) -> bool:
     return any(len(values) > 1 for values in seen.values())
 
 
+def write_robustness_plot(path: Path, rows: Mapping[str, Mapping[str, float]],
+                          wise: Mapping[str, list[dict[str, float]]], metric: str) -> Path:
+    """The ID-vs-OOD scatter (methods with error bars, WiSE-FT curves, y = x) as a PNG, written atomically."""
+    return _save_figure(_robustness_figure(rows, wise, metric), Path(path))
+
+
 def _robustness_figure(
     rows: Mapping[str, Mapping[str, float]], wise: Mapping[str, list[dict[str, float]]], metric: str
 ) -> Figure:
