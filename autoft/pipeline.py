@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from autoft import UserError, atomic_write
 from autoft.final import final_train, load_best_params
 from autoft.finetune import CONF_DIR, dataset_root, resolve_pretrained
+from autoft.methods import launch_search
 
 log = logging.getLogger("autoft.pipeline")
 
@@ -37,14 +37,10 @@ def _compose(name: str, overrides: list[str]):
 
 
 def search(out: Path, seed: int, trials: int | None, extra: list[str]) -> Path:
-    """Run the search as a Hydra multirun in a child process; return its best_params.yaml."""
-    cmd = [sys.executable, "-m", "autoft.finetune", "-m", "search=embedded", f"dataset.world.seed={seed}",
-           f"hydra.sweep.dir={out / 'search'}", f"hydra.sweeper.sampler.seed={seed}",
-           *([f"hydra.sweeper.n_trials={trials}"] if trials else []), *extra]
-    log.info("search: %s", " ".join(cmd[1:]))
-    if subprocess.run(cmd).returncode != 0:
-        raise UserError(f"the search failed (see its output above); re-running resumes it: {' '.join(cmd)}")
-    return out / "search" / "best_params.yaml"
+    """Run (or resume) the embedded search in a child process; return its best_params.yaml."""
+    return launch_search(out / "search", [
+        "search=embedded", f"dataset.world.seed={seed}", f"hydra.sweeper.sampler.seed={seed}",
+        *([f"hydra.sweeper.n_trials={trials}"] if trials else []), *extra])
 
 
 def main(argv: list[str] | None = None) -> int:
