@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(PY) -m autoft.pipeline
 
 table: $(STAMP)
-	$(PY) benchmarks/embedded_table.py
+	$(PY) benchmarks/paper.py wilds
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
