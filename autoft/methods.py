@@ -86,9 +86,9 @@ def frozen_features(cfg: DictConfig, model: CLIPClassifier, data, key: str) -> d
 
 def logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, reg: float, max_iter: int,
                         init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, ``mean CE + reg * ||W||^2``, by full-batch L-BFGS."""
-    w = torch.zeros(n_classes, x.shape[1]) if init is None else init[0].clone()
-    b = torch.zeros(n_classes) if init is None else init[1].clone()
+    """Multinomial logistic regression, ``mean CE + reg * ||W||^2``, by full-batch L-BFGS on ``x``'s device."""
+    w = torch.zeros(n_classes, x.shape[1], device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(n_classes, device=x.device) if init is None else init[1].clone()
     w.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
@@ -108,11 +108,13 @@ def fit_linear_probe(cfg: DictConfig, model: CLIPClassifier, data) -> dict[str, 
     validation with the dataset's metric (strongest penalty first, each fit warm-starting the next)."""
     train, val = frozen_features(cfg, model, data, "train"), frozen_features(cfg, model, data, "val_id")
     metric, n_classes = cfg.dataset.metric, model.head.out_features
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # ImageNet: 1.28M features x 1000 classes
+    x, y = train["features"].to(device), train["y"].to(device)
     best: dict[str, Any] = {}
     init = None
     for reg in sorted(cfg.lp.regs, reverse=True):
-        init = logistic_regression(train["features"], train["y"], n_classes, float(reg), cfg.lp.max_iter, init)
-        preds = (val["features"] @ init[0].T + init[1]).argmax(-1)
+        init = logistic_regression(x, y, n_classes, float(reg), cfg.lp.max_iter, init)
+        preds = (val["features"].to(device) @ init[0].T + init[1]).argmax(-1).cpu()
         score = data.evaluate(preds, val["y"], val["metadata"])[metric]
         log.info("linear probe: reg %g -> val_id/%s %.4f", reg, metric, score)
         if not best or score > best["val_id"]:
