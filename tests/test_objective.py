@@ -436,3 +436,32 @@ def test_closed_form_leaves_norms_out_of_the_loss_and_skips_their_values_on_requ
     ce_grad = lin.weight.grad.clone()
     obj.add_norm_grads()
     torch.testing.assert_close(lin.weight.grad, ce_grad + 2 * 0.5 * lin.weight.detach())
+
+
+def test_closed_form_norm_grads_on_cpu_blocks_and_channels_last_weights() -> None:
+    """The CPU path splits large tensors into cache-sized blocks and keeps non-contiguous (channels_last)
+    weights whole: the gradients it adds equal autograd's of the same norm terms."""
+    from autoft.objective import _CPU_BLOCK, _foreach_norm_grads, norm_terms
+
+    torch.manual_seed(0)
+    big = nn.Linear(_CPU_BLOCK // 500 + 7, 500)  # > _CPU_BLOCK weights: several blocks, the last partial
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    params = [*big.parameters(), *conv.parameters()]
+    assert big.weight.numel() > _CPU_BLOCK and not conv.weight.is_contiguous()
+    weights = {"ce": 0.0, "l1init": 0.3, "l2init": 0.5, "l1zero": 0.01, "l2zero": 0.02}
+    obj = CompositeObjective(weights, [*big.named_parameters(), *conv.named_parameters()], closed_form_norms=True)
+    with torch.no_grad():
+        for p in params:  # move away from theta0, so every term has a non-zero gradient
+            p.add_(torch.randn_like(p))
+    terms = norm_terms(params, obj.theta0, ("l1init", "l2init", "l1zero", "l2zero"))
+    expected = torch.autograd.grad(sum(weights[t] * v for t, v in terms.items()), params)
+    obj.add_norm_grads()
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6)
+    # the GPU path (fused foreach ops) on the same tensors, with the coefficients add_norm_grads uses
+    grads = [torch.zeros_like(p) for p in params]
+    w = obj.weights
+    _foreach_norm_grads(grads, params, obj.theta0, 2 * (w["l2init"] + w["l2zero"]), -2 * w["l2init"], w["l1init"],
+                        w["l1zero"])
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
