@@ -221,6 +221,14 @@ def dataset_root(cfg: DictConfig) -> str:
     return root
 
 
+def weights_signature(cfg: DictConfig) -> dict[str, Any]:
+    """What fixes the model's starting weights, for cache keys: its config, the pretrained tag or
+    checkpoint path, and that file's size and mtime."""
+    pretrained = resolve_pretrained(cfg)
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "pretrained": pretrained,
+            "checkpoint": file_stat(Path(pretrained)) if pretrained else None}
+
+
 # The last model and data built with reuse=True, by config key, with the model's pretrained state.
 _BUILT: dict[str, tuple[CLIPClassifier, pl.LightningDataModule, dict[str, torch.Tensor]]] = {}
 
@@ -236,10 +244,9 @@ def build(cfg: DictConfig, reuse: bool = False) -> tuple[CLIPClassifier, pl.Ligh
     own objective, optimizer and trainer, and seeds itself. One entry is kept, the latest.
     """
     root = dataset_root(cfg)  # first: a bad path fails before minutes of pretraining
-    pretrained = resolve_pretrained(cfg)
-    key = config_hash({"model": OmegaConf.to_container(cfg.model, resolve=True), "root": root,
-                       "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "pretrained": pretrained,
-                       "checkpoint": file_stat(Path(pretrained)) if pretrained else None})
+    weights = weights_signature(cfg)
+    pretrained = weights["pretrained"]
+    key = config_hash(weights | {"root": root, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)})
     if reuse and key in _BUILT:
         model, data, state = _BUILT[key]
         device = next(model.parameters()).device

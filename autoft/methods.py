@@ -40,9 +40,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
-from autoft.data import file_stat
 from autoft.final import final_train, load_best_params
-from autoft.finetune import CONF_DIR, resolve_pretrained
+from autoft.finetune import CONF_DIR, weights_signature
 from autoft.model import CLIPClassifier
 from autoft.world import cache_dir, config_hash
 
@@ -57,10 +56,7 @@ _NOT_FOR_SEARCH = ("method", "seed", "trainer", "optim", "objective", "wise_alph
 
 def feature_file(cfg: DictConfig, key: str) -> Path:
     """Where the frozen image features of split ``key`` live: keyed by model, weights file and dataset."""
-    pretrained = resolve_pretrained(cfg)
-    sig = {"model": OmegaConf.to_container(cfg.model, resolve=True), "pretrained": pretrained,
-           "weights": file_stat(Path(pretrained)) if pretrained and Path(pretrained).is_file() else None,
-           "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "split": key}
+    sig = weights_signature(cfg) | {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "split": key}
     return cache_dir() / "features" / f"{cfg.dataset.name}-{key}-{config_hash(sig)}.pt"
 
 

@@ -141,15 +141,10 @@ class CLIPClassifier(nn.Module):
             self.head.weight.copy_(weights * scale)
             self.head.bias.zero_()
         captions = [(caption_template or templates[0]).format(c) for c in class_names]
-        tokens = tokenizer(captions)
         self.prefix_text = _prefix_encodable(clip)
-        if self.prefix_text:  # cut after the longest caption's end-of-text token: a fixed, short shape
-            tokens = tokens[:, : int(pooled_positions(clip, tokens).max()) + 1].contiguous()
-        self.register_buffer("caption_tokens", tokens, persistent=False)
+        self.register_buffer("caption_tokens", self._tokens(tokenizer, captions), persistent=False)
         if text_head:  # every (class, template) prompt, to rebuild the zero-shot head from the text tower
-            prompts = tokenizer([t.format(c) for c in class_names for t in templates])
-            if self.prefix_text:
-                prompts = prompts[:, : int(pooled_positions(clip, prompts).max()) + 1].contiguous()
+            prompts = self._tokens(tokenizer, [t.format(c) for c in class_names for t in templates])
             self.register_buffer("prompt_tokens", prompts.view(len(class_names), len(templates), -1), persistent=False)
             self.head.requires_grad_(False)  # the head is the text tower's: rebuilt, never trained
         self._frozen_captions: torch.Tensor | None = None
@@ -158,6 +153,14 @@ class CLIPClassifier(nn.Module):
         for name, p in clip.named_parameters():
             if not name.startswith("visual."):
                 p.requires_grad_(train_text and name != "logit_scale")
+
+    def _tokens(self, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+        """Token rows of ``texts``, cut after the longest one's end-of-text token where that is exact
+        (a fixed, short shape)."""
+        tokens = tokenizer(texts)
+        if self.prefix_text:
+            tokens = tokens[:, : int(pooled_positions(self.clip, tokens).max()) + 1].contiguous()
+        return tokens
 
     @property
     def logit_scale(self) -> torch.Tensor:

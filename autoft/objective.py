@@ -274,8 +274,8 @@ class CompositeObjective(torch.nn.Module):
         p, g, q = p.view(-1), g.view(-1), q.view(-1) if q is not None else None
         for start in range(0, p.numel(), _CPU_BLOCK):
             block = slice(start, start + _CPU_BLOCK)
-            qb = q[block] if q is not None else None
-            yield p[block], g[block], qb, buffer[: p[block].numel()]
+            pb = p[block]
+            yield pb, g[block], q[block] if q is not None else None, buffer[: pb.numel()]
 
     @torch.no_grad()
     def reset_theta0(self) -> None:
