@@ -35,7 +35,10 @@ paper or its reference code leaves open or gets wrong.
   :meth:`CompositeObjective.add_norm_grads` adds them to ``p.grad`` in place after backward (fused
   foreach ops on a GPU; on CPU, where foreach ops stream a temporary per op through memory, each
   cache-sized block goes through all four terms), instead of autograd building a graph over every
-  parameter each step. ``forward``
+  parameter each step. With ``compile_norm_grads`` (on when the model is compiled) one compiled
+  function reads each parameter, theta0 and gradient once and writes the gradient once, where the
+  eager foreach ops make about five passes (on ViT-B/16 the eager passes cost 1.4 ms of a 104 ms
+  step, and a compiled step is 70 ms). ``forward``
   then leaves them out of the returned loss and computes their values only when asked
   (``norm_values=True``, for logging every N steps). Same math: sign(0) = 0 as in autograd.
 * **Only active terms are computed.** Zero-weight terms are skipped (the norm terms alone touch
@@ -47,6 +50,7 @@ paper or its reference code leaves open or gets wrong.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -149,16 +153,21 @@ class CompositeObjective(torch.nn.Module):
         weights: Mapping[str, float],
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
         closed_form_norms: bool = False,
+        compile_norm_grads: bool = False,
     ) -> None:
         """Validate ``weights`` (missing terms weigh 0, ce defaults to 1) and snapshot theta0 if needed.
 
         ``named_params`` is typically ``model.named_parameters()``; only trainable ones are kept.
         ``closed_form_norms``: the norm terms' gradients come from :meth:`add_norm_grads`, called
         between backward and the optimizer step, not from the loss ``forward`` returns.
+        ``compile_norm_grads``: those gradients come from one torch.compile'd pass (compiled once per
+        process and shape set, then reused by every objective: the weights are a tensor input).
         """
         super().__init__()
         self.weights: dict[str, float] = _validated_weights(weights)
         self.closed_form_norms = closed_form_norms
+        self.compile_norm_grads = compile_norm_grads
+        self._coefs: Tensor | None = None  # (a, b, c, d) of add_norm_grads on the parameters' device
         # A plain list, not registered: the model owns its parameters, the objective only reads them.
         self.params: list[torch.nn.Parameter] = [p for _, p in named_params if p.requires_grad]
         self._num_theta0 = 0
@@ -245,6 +254,11 @@ class CompositeObjective(torch.nn.Module):
         a, b = 2 * (w["l2init"] + w["l2zero"]), -2 * w["l2init"]
         c, d = w["l1init"], w["l1zero"]
         params, grads, theta0 = self.params, [p.grad for p in self.params], self.theta0
+        if self.compile_norm_grads:
+            if self._coefs is None or self._coefs.device != params[0].device:
+                self._coefs = torch.tensor([a, b, c, d], dtype=torch.float32, device=params[0].device)
+            _compiled_norm_grads()(grads, params, theta0 if theta0 is not None else params, self._coefs)
+            return
         if params[0].device.type != "cpu":
             _foreach_norm_grads(grads, params, theta0, a, b, c, d)
             return
@@ -300,6 +314,24 @@ def _foreach_norm_grads(grads: list[Tensor], params: Sequence[Tensor], theta0: S
         torch._foreach_add_(grads, diffs, alpha=c)
     if d:
         torch._foreach_add_(grads, torch._foreach_sign(params), alpha=d)
+
+
+def _fused_norm_grads(grads: list[Tensor], params: Sequence[Tensor], theta0: Sequence[Tensor],
+                      coefs: Tensor) -> None:
+    """``g += a p + b theta0 + c sign(p - theta0) + d sign(p)``, written for torch.compile to fuse into one
+    pass per tensor group. Every term is computed (a zero coefficient adds zero) and the coefficients are
+    a tensor, so neither their values nor which of them are zero trigger a recompilation."""
+    a, b, c, d = coefs.unbind()
+    torch._foreach_add_(grads, [a * p + b * q + c * torch.sign(p - q) + d * torch.sign(p)
+                                for p, q in zip(params, theta0, strict=True)])
+
+
+@functools.cache
+def _compiled_norm_grads():
+    # static shapes: a second parameter list in one process (another model, a multirun's next job) gets
+    # its own graph. By default it would get one with dynamic shapes, whose many-kernel wrapper was the
+    # likely cause of a compiled ViT-B/16 trained-text step measured at 0.80x instead of 0.86x.
+    return torch.compile(_fused_norm_grads, dynamic=False)
 
 
 def _validated_weights(weights: Mapping[str, float]) -> dict[str, float]:

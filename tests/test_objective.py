@@ -393,14 +393,17 @@ def test_reset_theta0_is_noop_without_init_terms() -> None:
         {"hinge": 0.5, "l1init": 2.0},
     ],
 )
-def test_closed_form_norm_grads_match_autograd(weights: dict[str, float]) -> None:
-    """k AdamW steps with the norm terms' gradients added in closed form land where autograd's do."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_closed_form_norm_grads_match_autograd(weights: dict[str, float], compiled: bool) -> None:
+    """k AdamW steps with the norm terms' gradients added in closed form land where autograd's do, eager
+    and through the compiled one-pass function (compiled once for all weights: they are a tensor input)."""
     x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
 
     def train(closed: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
-        obj = CompositeObjective(weights, model.named_parameters(), closed_form_norms=closed)
+        obj = CompositeObjective(weights, model.named_parameters(), closed_form_norms=closed,
+                                 compile_norm_grads=closed and compiled)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(6):
             opt.zero_grad()
@@ -410,7 +413,9 @@ def test_closed_form_norm_grads_match_autograd(weights: dict[str, float]) -> Non
             opt.step()
         return [p.detach().clone() for p in model.parameters()], values
 
-    (auto, auto_values), (closed, closed_values) = train(False), train(True)
+    auto, auto_values = train(False)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new weight set must not recompile
+        closed, closed_values = train(True)
     torch.manual_seed(1)
     init = [p.detach() for p in nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).parameters()]
     assert min((a - p0).abs().max().item() for a, p0 in zip(auto, init, strict=True)) > 1e-3  # it trained
@@ -465,3 +470,36 @@ def test_closed_form_norm_grads_on_cpu_blocks_and_channels_last_weights() -> Non
                         w["l1zero"])
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU's fused foreach path)")
+@pytest.mark.parametrize("compiled", [False, True], ids=["foreach", "compiled"])
+def test_closed_form_norm_grads_on_cuda_match_autograd_under_bf16_autocast(compiled: bool) -> None:
+    """On CUDA, add_norm_grads takes the fused foreach path (or the compiled one-pass function): after
+    training steps under bf16 autocast (as Lightning's bf16-mixed runs them) the parameters land where
+    autograd's norm terms put them."""
+    weights = {"ce": 1.0, "l1init": 0.3, "l2init": 0.5, "l1zero": 0.01, "l2zero": 0.02}
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    y = (torch.arange(64) % 5).cuda()
+
+    def train(closed: bool) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 5)).cuda()
+        obj = CompositeObjective(weights, model.named_parameters(), closed_form_norms=closed,
+                                 compile_norm_grads=closed and compiled)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        for _ in range(6):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = obj(model(x), y)
+            loss.backward()
+            obj.add_norm_grads()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    auto, closed = train(False), train(True)
+    torch.manual_seed(1)
+    init = [p.detach().cuda() for p in nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 5)).parameters()]
+    assert min((a - p0).abs().max().item() for a, p0 in zip(auto, init, strict=True)) > 1e-3  # it trained
+    for a, c in zip(auto, closed, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
