@@ -66,10 +66,19 @@ class FineTuner(pl.LightningModule):
         self._outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self.results: dict[str, float] = {}
         self.examples: dict[str, int] = {}  # how many examples each loader's metrics are over
+        self._losses: list[torch.Tensor] = []  # since the last optimizer step, checked once backward is queued
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # after backward and AMP unscaling, before clipping and the step
+        # after backward and AMP unscaling, before clipping and the step. The losses are checked here, not
+        # in training_step: reading one waits for the GPU, which then idles while the CPU launches what
+        # follows; before backward (on ViT-B/16 with a trained text tower) that wait cost most of the
+        # flyp term's price. Here backward and the norm gradients are already queued, and a non-finite
+        # loss (of any accumulated batch) still stops the step.
         self.objective.add_norm_grads()
+        losses, self._losses = torch.stack(self._losses), []
+        if not torch.isfinite(losses).all():  # diverged: the sweeper prunes the trial with this reason
+            bad = losses[~torch.isfinite(losses)][0].item()
+            raise FloatingPointError(f"non-finite loss {bad} at step {self.global_step}")
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
@@ -78,8 +87,7 @@ class FineTuner(pl.LightningModule):
         text = self.model.caption_features(y) if self.objective.needs_text else None
         log_norms = self.global_step % self.trainer.log_every_n_steps == 0  # norm-term values cost a pass
         loss, terms = self.objective(logits, y, feats, text, self.model.logit_scale, norm_values=log_norms)
-        if not torch.isfinite(loss):  # diverged: the sweeper prunes the trial with this reason and goes on
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        self._losses.append(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()})
         return loss
@@ -262,8 +270,10 @@ def build(cfg: DictConfig, reuse: bool = False) -> tuple[CLIPClassifier, pl.Ligh
                            train_text=cfg.model.train_text, text_head=cfg.model.get("text_head", False))
     if cfg.model.get("channels_last", False):
         model.use_channels_last()
-    if cfg.model.get("compile", False):
-        model.clip.visual.compile()  # in place: same parameters and state-dict keys; compiled once per process
+    if cfg.model.get("compile", False):  # in place: same parameters and state-dict keys; compiled once per process
+        model.clip.visual.compile()
+        if cfg.model.train_text:  # flyp trains the text tower too: its many small kernels are worth fusing
+            model.clip.transformer.compile()
     if reuse:
         _BUILT[key] = model, data, {k: v.detach().clone() for k, v in model.state_dict().items()}
     return model, data
@@ -292,7 +302,7 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         objective = CompositeObjective(OmegaConf.to_container(cfg.objective.weights), model.trainable(),
-                                       closed_form_norms=True)
+                                       closed_form_norms=True, compile_norm_grads=cfg.model.get("compile", False))
     except ValueError as e:
         raise UserError(f"objective: {e}") from None
     module = FineTuner(model, objective, data.evaluate, **cfg.optim)

@@ -79,6 +79,32 @@ def test_cosine_schedule_warms_up_then_decays(tmp_path):
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.1 * peak
 
 
+def test_non_finite_loss_stops_before_its_optimizer_step(tmp_path):
+    """The loss is checked after backward (so the GPU is not left waiting), still before the step: the
+    diverged step changes no weight."""
+    from autoft.finetune import make_trainer
+
+    cfg = _cfg(tmp_path, "trainer.max_steps=5", "test=false")
+    model, data = build(cfg)
+    heads = []
+
+    class NanAtThirdStep(CompositeObjective):
+        def forward(self, *args, **kwargs):
+            total, values = super().forward(*args, **kwargs)
+            return (total * float("nan") if len(heads) == 3 else total), values
+
+    class Spy(FineTuner):
+        def on_train_batch_start(self, batch, batch_idx):
+            heads.append(model.head.weight.detach().clone())
+
+    objective = NanAtThirdStep({"ce": 1.0, "l2init": 0.1}, model.trainable(), closed_form_norms=True)
+    module = Spy(model, objective, data.evaluate, **cfg.optim)
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 2"):
+        make_trainer(cfg).fit(module, datamodule=data)
+    assert not torch.equal(heads[1], heads[2])  # the steps before it trained
+    assert torch.equal(model.head.weight, heads[2])
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoft.finetune", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
