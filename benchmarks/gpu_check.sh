@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the speed work: benchmarks/throughput.py on CUDA with CLIP ViT-B/16 (random weights),
-# eager and torch.compile'd, on one H100/H200, meant to finish in under 5 minutes (budget below; it
-# has not run on a device yet: the session that wrote it had none).
+# eager and torch.compile'd, on one H100/H200, in about 4-5 minutes. Its runs and figures are in
+# benchmarks/results/h200-2026-11-28/.
 #
 # The device machine has torch, torchvision, Lightning, pandas, timm, huggingface_hub and the rest of
 # the scientific stack (see /work/.library/device/KINDS.md) but no network and none of open_clip,
@@ -10,19 +10,22 @@
 #   benchmarks/gpu_check.sh fetch   # here, with network and the project's .venv: the missing wheels
 #                                   # (same versions as .venv) into .whl/, which git ignores locally
 #   benchmarks/gpu_check.sh run     # there (device tool: carry [".whl"], command
-#                                   # "bash benchmarks/gpu_check.sh run", timeout_s 420): installs the
+#                                   # "bash benchmarks/gpu_check.sh run", timeout_s 560): installs the
 #                                   # wheels offline into /tmp/site, runs, writes to $OUT (or ./gpu_check_out)
 #
-# Budget of "run" (estimated from the issue's ViT-B/16 figure, ~2,400 images/s at batch 256; never run):
-# installs and imports ~20 s; eager (~100 s): steps, 6 objectives interleaved for 3 + 20 rounds ~25 s,
-# search trials (world generation and its 224-px cache ~20 s, 2 trials of the embedded search ~10 s),
-# data path (200 JPEGs written, decoded, cached) ~30 s; compiled steps (~120 s): compilation of the
-# image tower ~60-90 s, then 5 + 20 rounds ~15 s. Each run has its own timeout (150 s, 200 s).
+# Time on an H200 (2026-11-28): 224-230 s in all. That is the install and the CUDA tests (about 20 s),
+# then the eager run (about 100 s: steps, three trials of the embedded search with the world generated
+# there, the data path), then the compiled steps (about 75 s, most of it compiling). Compiling the
+# norm-gradient function for two parameter lists added about 100 s in one run (312 s, steps only);
+# that was with dynamic shapes, which it no longer uses. Each run has its own timeout (60 s, 200 s,
+# 240 s), so the device tool's timeout_s is 560.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 wilds==2.0.0 outdated==0.2.2 littleutils==0.2.4
-        pytz==2026.6 hydra-core==1.3.8 omegaconf==2.3.1 optuna==5.0.0 alembic==1.20.1 Mako==1.4.3
+# Not outdated (a wilds dependency): with it, importing wilds starts a non-daemon thread that asks PyPI
+# for the latest version, which a machine without network can wait on; without it wilds skips the check.
+WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 wilds==2.0.0 pytz==2026.6
+        hydra-core==1.3.8 omegaconf==2.3.1 optuna==5.0.0 alembic==1.20.1 Mako==1.4.3
         SQLAlchemy==2.1.9 colorlog==6.12.0)
 
 case "${1:-}" in
@@ -38,20 +41,25 @@ fetch)
 run)
     OUT="${OUT:-$PWD/gpu_check_out}"
     mkdir -p "$OUT"
+    log="$OUT/run.log"  # one log: the device tool brings back 8 files at most
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 AUTOFT_CACHE=/tmp/autoft-cache WANDB_MODE=disabled
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-    python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
+    python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$log"
+    # the fused foreach norm gradients on CUDA against autograd (skipped where there is no GPU, as in CI)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_objective.py -k cuda 2>&1 | tee -a "$log" \
+        || echo "CUDA test failed or timed out" | tee -a "$log"
     # eager: steps, trials on the embedded world's default search (generated here, ~10 s), data path;
-    # compiled: steps (the trials' speed-up from compiling follows from the step figures)
-    common="--device cuda --model vit_b16 --steps 20 --repeats 2 --trials 2 --jpegs 200"
+    # compiled: steps (the trials' speed-up from compiling follows from the step figures). Each then
+    # profiles 3 steps of every objective: GPU kernel time against wall time, top kernels in profile.txt.
+    # SECTIONS=steps: the step figures alone (about 3 minutes in all).
+    common="--device cuda --model vit_b16 --steps 20 --repeats 2 --trials 3 --jpegs 200 --profile 3"
     # shellcheck disable=SC2086
-    timeout 150 python3 benchmarks/throughput.py $common --warmup 3 --out "$OUT/eager" 2>&1 \
-        | tee "$OUT/eager.log" || echo "eager run failed or timed out"
+    timeout 200 python3 benchmarks/throughput.py $common --warmup 3 --sections "${SECTIONS:-steps,trial,data}" \
+        --out "$OUT/eager" 2>&1 | tee -a "$log" || echo "eager run failed or timed out" | tee -a "$log"
     # shellcheck disable=SC2086
-    timeout 200 python3 benchmarks/throughput.py $common --warmup 5 --compile --sections steps \
-        --out "$OUT/compiled" 2>&1 | tee "$OUT/compiled.log" || echo "compiled run failed or timed out"
-    cat "$OUT"/*/throughput.md 2>/dev/null || true
+    timeout 240 python3 benchmarks/throughput.py $common --warmup 5 --compile --sections steps \
+        --out "$OUT/compiled" 2>&1 | tee -a "$log" || echo "compiled run failed or timed out" | tee -a "$log"
     ;;
 *)
     echo "usage: $0 fetch|run" >&2

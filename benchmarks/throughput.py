@@ -11,7 +11,8 @@ Three sections, printed as markdown tables (and written as JSON with ``--out``):
 * **trial**: the embedded world's default search (``search=embedded``, read from the composed
   config: inner steps, validation interval, batch, OOD-val size), trials run in one process as the
   basic launcher runs them; the first trial builds, later ones reuse model and data. Per trial:
-  wall time, training steps, validation, reset (build/restore) and the rest (trainer, logger).
+  wall time, training steps, validation, reset (build/restore), waiting for the next training batch, and
+  the rest (trainer, logger, Lightning's loop).
 * **data**: images/s of the data path on one CPU core: decoding 1920x1080 JPEGs and applying the
   model's eval transform with PIL, against reading the uint8 preprocessing cache and making the
   model's input (random resized crop, normalise) on the device.
@@ -48,14 +49,18 @@ from torch.utils.data import DataLoader, Dataset
 MODELS = {"tiny": ("autoft-tiny", "tiny_clip", 10), "vit_b16": ("ViT-B-16", "vit_b16", 182)}
 NORMS = {"l1init": 0.01, "l2init": 0.01, "l1zero": 1e-4, "l2zero": 1e-4}
 OTHERS = {"hinge": 0.1, "entropy": 0.1, "dcm": 0.1}
-# name, weights, train_text, closed-form norm gradients
+# name, weights, train_text, closed-form norm gradients, loss checked before backward (as FineTuner did
+# until the check moved after backward: reading the loss waits for the GPU, which then idles while backward
+# is launched)
 VARIANTS = [
-    ("ce", {"ce": 1.0}, False, True),
-    ("ce + 4 norms", {"ce": 1.0, **NORMS}, False, True),
-    ("ce + 4 norms, inside autograd", {"ce": 1.0, **NORMS}, False, False),
-    ("ce + 4 norms + flyp, text frozen", {"ce": 1.0, **NORMS, "flyp": 0.5}, False, True),
-    ("ce + 4 norms + flyp, text trained", {"ce": 1.0, **NORMS, "flyp": 0.5}, True, True),
-    ("all 9 terms, text trained", {"ce": 1.0, **NORMS, **OTHERS, "flyp": 0.5}, True, True),
+    ("ce", {"ce": 1.0}, False, True, False),
+    ("ce + 4 norms", {"ce": 1.0, **NORMS}, False, True, False),
+    ("ce + 4 norms, inside autograd", {"ce": 1.0, **NORMS}, False, False, False),
+    ("ce + 4 norms + flyp, text frozen", {"ce": 1.0, **NORMS, "flyp": 0.5}, False, True, False),
+    ("ce + 4 norms + flyp, text trained", {"ce": 1.0, **NORMS, "flyp": 0.5}, True, True, False),
+    ("ce + 4 norms + flyp, text trained, loss checked before backward", {"ce": 1.0, **NORMS, "flyp": 0.5}, True,
+     True, True),
+    ("all 9 terms, text trained", {"ce": 1.0, **NORMS, **OTHERS, "flyp": 0.5}, True, True, False),
 ]
 log = logging.getLogger("throughput")
 
@@ -65,19 +70,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def training_step(model, objective, optimizer, batch, step: int, device: str) -> None:
+def training_step(model, objective, optimizer, batch, step: int, device: str, check_first: bool = False) -> None:
     """One step as FineTuner runs it (``training_step``, backward, ``on_before_optimizer_step``, AdamW), with
-    Lightning's bf16-mixed autocast on CUDA: norm-term values on logging steps only, the non-finite check."""
+    Lightning's bf16-mixed autocast on CUDA: norm-term values on logging steps only, the non-finite check
+    once backward and the norm gradients are queued (``check_first``: before backward)."""
     x, y, _ = batch
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         feats = model.image_features(x)
         logits = model.head(feats)
         text = model.caption_features(y) if objective.needs_text else None
         loss, _ = objective(logits, y, feats, text, model.logit_scale, norm_values=step % 25 == 0)
-    if not torch.isfinite(loss):
+    if check_first and not torch.isfinite(loss):
         raise FloatingPointError("non-finite loss")
     loss.backward()
     objective.add_norm_grads()
+    if not torch.isfinite(loss):
+        raise FloatingPointError("non-finite loss")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -94,8 +102,6 @@ def bench_steps(args) -> list[dict]:
     name, _, n_classes = MODELS[args.model]
     torch.manual_seed(0)
     clip, _, _, tokenizer = load_clip(name, None)
-    if args.compile:
-        clip.visual.compile()
     size = clip.visual.image_size
     size = size if isinstance(size, int) else size[0]
     classes = [f"species {i}" for i in range(n_classes)]
@@ -110,53 +116,90 @@ def bench_steps(args) -> list[dict]:
         if args.channels_last:
             model.use_channels_last()
         model.train()
-        for label, weights, text, closed_form in VARIANTS:
+        for label, weights, text, closed_form, check_first in VARIANTS:
             if text == train_text:
-                objective = CompositeObjective(weights, model.trainable(), closed_form_norms=closed_form)
+                objective = CompositeObjective(weights, model.trainable(), closed_form_norms=closed_form,
+                                               compile_norm_grads=args.compile and closed_form)
                 params = [p for _, p in model.trainable()]
                 fused = {"fused": True} if args.device in ("cuda", "cpu") else {}
-                runs.append((label, model, objective, torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, **fused)))
+                runs.append((label, model, objective, torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, **fused),
+                             check_first))
+    if args.compile:  # as finetune.build compiles, after the zero-shot head: the image tower, and the text
+        clip.visual.compile()  # tower where it is trained (here for all: frozen, it runs once, without grad)
+        clip.transformer.compile()
     order = {label: i for i, (label, *_) in enumerate(VARIANTS)}
     runs.sort(key=lambda r: order[r[0]])
     times: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for step in range(args.warmup + args.steps):
         shift = step % len(runs)
-        for label, model, objective, optimizer in runs[shift:] + runs[:shift]:
+        for label, model, objective, optimizer, check_first in runs[shift:] + runs[:shift]:
             _sync(args.device)
             t0 = time.perf_counter()
-            training_step(model, objective, optimizer, batch, step, args.device)
+            training_step(model, objective, optimizer, batch, step, args.device, check_first)
             _sync(args.device)
             if step >= args.warmup:
                 times[label].append(time.perf_counter() - t0)
         if step >= args.warmup and (step - args.warmup) % 10 == 9:
             log.info("step %d: %s", step, {k: round(args.batch / statistics.median(v), 1) for k, v in times.items()})
     base = times[runs[0][0]]
-    return [{"objective": label, "images_per_s": args.batch / statistics.median(t),
+    rows = [{"objective": label, "images_per_s": args.batch / statistics.median(t),
              "ratio_to_ce": statistics.median(b / a for a, b in zip(t, base, strict=True))}
             for label, t in times.items()]
+    if args.profile:
+        for row, run in zip(rows, runs, strict=True):
+            row.update(profile_step(args, batch, *run[1:]))
+    return rows
+
+
+def profile_step(args, batch, model, objective, optimizer, check_first: bool) -> dict:
+    """``args.profile`` steps of one objective under torch.profiler: wall ms per step and, on CUDA, the ms
+    the GPU spends in kernels (the rest of the wall time it waits on the CPU), with the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device == "cuda"
+    _sync(args.device)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for i in range(args.profile):
+            training_step(model, objective, optimizer, batch, 1 + i, args.device, check_first)  # no norm values
+        _sync(args.device)
+        wall = (time.perf_counter() - t0) / args.profile
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out = {"wall_ms": wall * 1e3, "top": events.table(sort_by=key, row_limit=10)}
+    if cuda:
+        out["kernel_ms"] = sum(e.self_device_time_total for e in events) / 1e3 / args.profile
+    return out
 
 
 class TrialTimer(pl.Callback):
-    """Seconds in training batches and in validation, within one fit."""
+    """Seconds within one fit: in training batches, in validation, and waiting for the next training batch
+    (the loader: from the start of training or the end of the last batch or validation)."""
 
     def __init__(self, device: str):
-        self.device, self.train, self.val = device, 0.0, 0.0
+        self.device, self.train, self.val, self.wait = device, 0.0, 0.0, 0.0
 
     def _now(self) -> float:
         _sync(self.device)
         return time.perf_counter()
 
+    def on_train_start(self, *a) -> None:
+        self.mark = self._now()
+
     def on_train_batch_start(self, *a) -> None:
         self.t = self._now()
+        self.wait += self.t - self.mark
 
     def on_train_batch_end(self, *a) -> None:
-        self.train += self._now() - self.t
+        self.mark = self._now()
+        self.train += self.mark - self.t
 
     def on_validation_start(self, *a) -> None:
         self.v = self._now()
 
     def on_validation_end(self, *a) -> None:
-        self.val += self._now() - self.v
+        self.mark = self._now()
+        self.val += self.mark - self.v
 
 
 def bench_trial(args, out: Path) -> dict:
@@ -190,10 +233,11 @@ def bench_trial(args, out: Path) -> dict:
         finish_logger(logger, module.results)
         total = time.perf_counter() - t0
         trials.append({"trial": i, "total_s": total, "train_s": timer.train, "eval_s": timer.val, "reset_s": reset,
-                       "other_s": total - timer.train - timer.val - reset})
+                       "wait_s": timer.wait, "other_s": total - timer.train - timer.val - timer.wait - reset})
         log.info("trial %d: %s", i, {k: round(v, 3) for k, v in trials[-1].items()})
     later = trials[1:] or trials  # the first trial builds the model and the cache
-    med = {k: statistics.median(t[k] for t in later) for k in ("total_s", "train_s", "eval_s", "reset_s", "other_s")}
+    med = {k: statistics.median(t[k] for t in later)
+           for k in ("total_s", "train_s", "eval_s", "reset_s", "wait_s", "other_s")}
     return {"config": {"inner_steps": cfg.search.inner_steps, "eval_every": cfg.search.eval_every,
                        "batch_size": cfg.dataset.batch_size, "ood_val_size": cfg.dataset.ood_val_size,
                        "logger": args.logger, "model": cfg.model.name},
@@ -297,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpegs", type=int, default=200)
     p.add_argument("--cache-epochs", type=int, default=20)
     p.add_argument("--sections", default="steps,trial,data")
+    p.add_argument("--profile", type=int, default=0,
+                   help="then profile this many steps of each objective (wall vs GPU kernel time, top kernels)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads (1 gives steadier figures on a shared machine)")
     p.add_argument("--out", type=Path, default=None, help="write throughput.json here")
@@ -321,10 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if "steps" in sections:
             report["steps"] = bench_steps(args)
+            columns = [("objective", "objective", "s"), ("images_per_s", "images/s", ".1f"),
+                       ("ratio_to_ce", "x plain CE", ".3f")]
+            if args.profile:
+                columns += [("wall_ms", "profiled ms/step", ".1f"), ("kernel_ms", "GPU kernels ms/step", ".1f")]
             lines += [f"Training step, batch {args.batch}, objectives interleaved step by step, {args.steps} "
-                      f"timed rounds after {args.warmup} warm-up; medians:", "",
-                      table(report["steps"], [("objective", "objective", "s"), ("images_per_s", "images/s", ".1f"),
-                                              ("ratio_to_ce", "x plain CE", ".3f")]), ""]
+                      f"timed rounds after {args.warmup} warm-up; medians:", "", table(report["steps"], columns), ""]
+            if args.profile and args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "profile.txt").write_text("".join(f"## {r['objective']}\n{r.pop('top')}\n"
+                                                              for r in report["steps"]))
+            for r in report["steps"]:
+                r.pop("top", None)
         if "trial" in sections:
             report["trial"] = t = bench_trial(args, Path(tmp) / "trial")
             c, m = t["config"], t["median_later"]
@@ -334,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                       table([m | {"fixed": t["fixed_share"], "reset_eval": t["reset_eval_share"]}],
                             [("total_s", "trial", ".2f"), ("train_s", "train steps", ".2f"),
                              ("eval_s", "validation", ".2f"), ("reset_s", "reset", ".3f"),
-                             ("other_s", "other", ".2f"), ("reset_eval", "reset+eval share", ".1%"),
+                             ("wait_s", "batch wait", ".2f"), ("other_s", "other", ".2f"),
+                             ("reset_eval", "reset+eval share", ".1%"),
                              ("fixed", "all but steps share", ".1%")]), ""]
         if "data" in sections:
             report["data"] = bench_data(args, Path(tmp))
