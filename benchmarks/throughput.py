@@ -70,6 +70,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):  # reading the loss waits for the GPU
+        raise FloatingPointError("non-finite loss")
+
+
 def training_step(model, objective, optimizer, batch, step: int, device: str, check_first: bool = False) -> None:
     """One step as FineTuner runs it (``training_step``, backward, ``on_before_optimizer_step``, AdamW), with
     Lightning's bf16-mixed autocast on CUDA: norm-term values on logging steps only, the non-finite check
@@ -80,12 +85,12 @@ def training_step(model, objective, optimizer, batch, step: int, device: str, ch
         logits = model.head(feats)
         text = model.caption_features(y) if objective.needs_text else None
         loss, _ = objective(logits, y, feats, text, model.logit_scale, norm_values=step % 25 == 0)
-    if check_first and not torch.isfinite(loss):
-        raise FloatingPointError("non-finite loss")
+    if check_first:
+        _check_finite(loss)
     loss.backward()
     objective.add_norm_grads()
-    if not torch.isfinite(loss):
-        raise FloatingPointError("non-finite loss")
+    if not check_first:
+        _check_finite(loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
