@@ -52,7 +52,7 @@ run)
     # eager: steps, trials on the embedded world's default search (generated here, ~10 s), data path;
     # compiled: steps (the trials' speed-up from compiling follows from the step figures). Each then
     # profiles 3 steps of every objective: GPU kernel time against wall time, top kernels in profile.txt.
-    # SECTIONS=steps: the step figures alone (about 3 minutes in all).
+    # SECTIONS=steps: the step figures alone (312 s in one run, most of it compiling).
     common="--device cuda --model vit_b16 --steps 20 --repeats 2 --trials 3 --jpegs 200 --profile 3"
     # shellcheck disable=SC2086
     timeout 200 python3 benchmarks/throughput.py $common --warmup 3 --sections "${SECTIONS:-steps,trial,data}" \
