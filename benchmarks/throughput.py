@@ -234,7 +234,7 @@ def bench_trial(args, out: Path) -> dict:
         reset = time.perf_counter() - t0
         timer = TrialTimer(args.device)
         logger = make_logger(cfg)
-        module = finetune(cfg, model, data, logger, callbacks=[timer])
+        module = finetune(cfg, model, data, logger, callbacks=[timer], keep_on_device=True)  # as run() does
         finish_logger(logger, module.results)
         total = time.perf_counter() - t0
         trials.append({"trial": i, "total_s": total, "train_s": timer.train, "eval_s": timer.val, "reset_s": reset,

@@ -173,6 +173,30 @@ def test_second_trial_in_one_process_reuses_the_model_and_equals_a_fresh_run(tmp
     assert all(torch.equal(v, fresh_state[k]) for k, v in reused_state.items())  # the same weights, bit for bit
 
 
+def test_trials_leave_the_model_on_its_device_and_drop_the_optimizer_state(tmp_path, monkeypatch):
+    """Lightning's teardown copies the module (with theta0) and AdamW's state to the host after every fit,
+    and the next trial's fit copies the module back; the trials' trainer leaves them where they are."""
+    moves = []
+    real = ft.FineTuner.cpu
+    monkeypatch.setattr(ft.FineTuner, "cpu", lambda self: moves.append(self) or real(self))
+    cfg = _cfg(tmp_path, "trainer.max_steps=2", "objective=robust")
+    model, data = ft.build(cfg)
+    module = ft.finetune(cfg, model, data)  # Lightning's own teardown, for contrast
+    assert moves and module.trainer.optimizers[0].state
+    moves.clear()
+    module = ft.finetune(cfg, model, data, keep_on_device=True)
+    assert isinstance(module.trainer.strategy, ft.KeepOnDevice) and module.trainer.global_step == 2
+    assert not moves and not module.trainer.optimizers[0].state
+    ft._BUILT.clear()
+    ft.run(cfg)  # a search trial
+    assert not moves
+    # only a plain one-device trainer gets it; DDP, several devices and other accelerators keep their own
+    assert ft._single_device({"devices": 1, "accelerator": "cpu"}) == torch.device("cpu")
+    for other in ({"devices": 2}, {"devices": 1, "strategy": "ddp"}, {"devices": 1, "num_nodes": 2},
+                  {"devices": 1, "accelerator": "mps"}):
+        assert ft._single_device({"accelerator": "auto"} | other) is None
+
+
 def test_search_trials_validate_only_what_they_are_scored_on(tmp_path):
     cfg = _cfg(tmp_path)
     assert ft.validation_keys(cfg, search=False) == ("val_id", "val_ood")
