@@ -338,9 +338,10 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
     """Fine-tune ``model`` in place with the configured objective; validate and (optionally) test.
     ``keep_on_device``: leave the model on its device afterwards (see :func:`make_trainer`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    compile_norms = cfg.model.get("compile_norm_grads", cfg.model.get("compile", False))
     try:
         objective = CompositeObjective(OmegaConf.to_container(cfg.objective.weights), model.trainable(),
-                                       closed_form_norms=True, compile_norm_grads=cfg.model.get("compile", False))
+                                       closed_form_norms=True, compile_norm_grads=compile_norms)
     except ValueError as e:
         raise UserError(f"objective: {e}") from None
     module = FineTuner(model, objective, data.evaluate, **cfg.optim)

@@ -105,6 +105,28 @@ def test_non_finite_loss_stops_before_its_optimizer_step(tmp_path):
     assert torch.equal(model.head.weight, heads[2])
 
 
+def test_norm_gradients_are_compiled_with_the_model_or_on_their_own(tmp_path, monkeypatch):
+    import autoft.finetune as ft
+
+    model, data = build(_cfg(tmp_path))
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def objective(*args, **kwargs):
+        seen.append(kwargs["compile_norm_grads"])
+        raise Built
+
+    monkeypatch.setattr(ft, "CompositeObjective", objective)
+    cases = [([], False), (["model.compile=true"], True), (["model.compile_norm_grads=true"], True),
+             (["model.compile=true", "model.compile_norm_grads=false"], False)]
+    for extra, expected in cases:
+        with pytest.raises(Built):
+            finetune(_cfg(tmp_path, *extra), model, data)
+        assert seen.pop() is expected, extra
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoft.finetune", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
