@@ -35,12 +35,12 @@ paper or its reference code leaves open or gets wrong.
   :meth:`CompositeObjective.add_norm_grads` adds them to ``p.grad`` in place after backward (fused
   foreach ops on a GPU; on CPU, where foreach ops stream a temporary per op through memory, each
   cache-sized block goes through all four terms), instead of autograd building a graph over every
-  parameter each step. With ``compile_norm_grads`` (on when the model is compiled) one compiled
-  function reads each parameter, theta0 and gradient once and writes the gradient once, where the
-  eager foreach ops make about five passes (on ViT-B/16 the eager passes cost 1.4 ms of a 104 ms
-  step, and a compiled step is 70 ms). ``forward``
-  then leaves them out of the returned loss and computes their values only when asked
-  (``norm_values=True``, for logging every N steps). Same math: sign(0) = 0 as in autograd.
+  parameter each step. With ``compile_norm_grads`` (``model.compile_norm_grads``, by default on when
+  the model is compiled) one compiled function reads each parameter, theta0 and gradient once and
+  writes the gradient once, where the eager foreach ops make about five passes (on ViT-B/16 the eager
+  passes cost 1.4 ms of a 104 ms step, and a compiled step is 70 ms). ``forward`` then leaves them out
+  of the returned loss and computes their values only when asked (``norm_values=True``, for logging
+  every N steps). Same math: sign(0) = 0 as in autograd.
 * **Only active terms are computed.** Zero-weight terms are skipped (the norm terms alone touch
   every parameter); the returned log dict has one detached entry per active term.
 * **ce defaults to weight 1** when not given (it is the paper's anchor term); any other given
