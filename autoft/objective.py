@@ -1,48 +1,68 @@
-"""The AutoFT inner objective: a weighted sum of nine loss terms.
+"""The AutoFT inner objective: a weighted sum of nine loss terms, under one of two conventions.
 
 ``Loss = sum_i w_i * L_i`` over :data:`LOSS_TERMS`, with ``w_i >= 0`` proposed by the outer search
-(Choi et al. 2024, section 2 of ``docs/autoft-method.md``). The decisions below are the ones the
-paper or its reference code leaves open or gets wrong.
+(Choi et al. 2024, section 2 of ``docs/autoft-method.md``). Three of the terms are defined differently
+by the reference code (cchoi1/auto-ft, ``src/losses/learnedloss.py``) that learned the published
+weights than by our own choices, so the objective has a ``convention`` (``docs/objective.md`` has the
+table, and :mod:`autoft.conventions` converts weights between the two):
 
-* **theta0 is a real copy.** The reference code builds theta0 with ``p.detach().cuda()``, which on a
-  CUDA tensor aliases the live parameter, so l1init/l2init are identically zero (defect 1). We store
-  ``p.detach().clone()`` as non-persistent buffers: they follow ``.to(device)`` (Lightning moves
-  them) but stay out of checkpoints, since they are the pretrained weights the caller already has.
+* ``ours`` (the default, for our searches): each norm term is the unnormalized sum over the trainable
+  elements times a per-term constant ``norm_scale[t]`` (1.0 unless configured), so the per-element
+  pull is ``w norm_scale[t] sign(p - p0)`` (L1) or ``2 w norm_scale[t] (p - p0)`` (L2) whatever the
+  model's size (the L2-SP convention); ``dcm`` is KL(uniform || p) on misclassified examples, summed
+  and divided by the batch size, so a positive weight pushes them toward uniform (the DCM paper's
+  intent); it is 0 when everything is right and grows with the error rate.
+* ``reference``: each norm term is that sum divided by ``param_count``, the number of elements of
+  every parameter of the model the reference normalizes over: its ``ImageClassifier``, i.e. the whole
+  open_clip CLIP (image tower, text tower, ``logit_scale``) plus the classification head (about
+  1.497e8 for ViT-B/16 with iWildCam's 182-class head). The caller counts it from the model
+  (:func:`autoft.conventions.parameter_count`), never a constant. ``dcm`` is the reference's
+  ``mean_b [wrong_b H(p_b)]``: with a positive weight it makes misclassified examples *more*
+  confident; the published dcm weights were learned with it. The reference trains every parameter
+  (text tower and ``logit_scale`` included; :func:`autoft.conventions.make_objective` insists on it)
+  and clips gradients at norm 1.0 in its WILDS scripts (``trainer.gradient_clip_val``, set by the
+  published objective configs; its ImageNet script does not clip).
+
+The other terms are the same function under both conventions. What neither convention takes from the
+reference code are its defects (``docs/autoft-method.md`` section 7):
+
+* **theta0 is a real copy.** The reference builds theta0 with ``p.detach().cuda()``, which on a CUDA
+  tensor aliases the live parameter, so its l1init/l2init are identically zero (defect 1). We store
+  ``p.detach().clone()`` as non-persistent buffers: they follow ``.to(device)`` (Lightning moves them)
+  but stay out of checkpoints, since they are the pretrained weights the caller already has. Under the
+  ``reference`` convention l1init/l2init therefore act as the reference's formula says, not as its
+  code ran.
+* **Per-layer-group norm weights are computed as written**: the reference's ``--layerwise_loss``
+  builds a weight matrix that its loss cannot multiply (and drops the last layer's weights); here a
+  group's weight for a norm term multiplies that term over the group's parameters (``group_of``,
+  ``group_weights``; groups from :mod:`autoft.layers`). A group without its own weight uses the global one.
+
+Decisions common to both conventions:
+
 * **The objective does not own the model's parameters.** It keeps a plain list of the trainable
   ones (``requires_grad=True``); registering them would make them appear twice in optimizers and
   state dicts. Frozen parameters are not regularized: they cannot move, so their terms are
-  constants that only cost time.
-* **Norm terms are unnormalized sums** over all trainable elements. The per-element gradient
-  (``w * sign(p - p0)``, ``2 w (p - p0)``) then does not depend on the parameter count, so one weight
-  means the same pull per element on any model (the L2-SP convention). A per-count mean would scale
-  the effect by 1/N (about 1e-8 for ViT-B/16) and make the search range [1e-4, 10] meaningless.
-  They are computed in float32 with autocast off, because squared sums over ~1e8 elements overflow
-  or lose all precision in half precision.
-* **dcm** (Data-driven Confidence Minimization) on misclassified examples (argmax z != y) is
-  ``KL(uniform || p) = -(1/K) sum_j log p_j - log K``, which is >= 0 and 0 iff p is uniform, so a
-  positive weight pushes p toward uniform. Per-example values are summed over the misclassified
-  examples and divided by the full batch size B: the term is 0 when everything is correct, grows
-  with the error rate, and is not a noisy mean over a handful of examples. The mask carries no
-  gradient (argmax has none; computing it under ``no_grad`` makes that explicit).
+  constants that only cost time (the reference sums over all parameters, all trainable there).
+  Norm terms are computed with autocast off, in float32 (float64 parameters stay float64), because
+  squared sums over ~1e8 elements overflow or lose all precision in half precision.
 * **entropy** with a positive weight *minimizes* prediction entropy (the paper's sign).
 * **hinge** is Weston-Watkins: ``mean_b sum_{j != y} relu(z_j - z_y + 1)``.
 * **flyp** is FLYP's symmetric InfoNCE between normalized image features and normalized features
   of each image's class caption. ``logit_scale`` is the multiplier itself (CLIP's
   ``logit_scale.exp()``), not its log. As in FLYP, targets are ``arange(B)``: two images of the same
-  class in a batch have identical captions, which then act as each other's negatives.
-* **Closed-form norm gradients** (``closed_form_norms=True``, what training uses): the four norm
-  terms' gradients are known (``w sign(p - p0)``, ``2 w (p - p0)``, ``w sign(p)``, ``2 w p``), so
-  :meth:`CompositeObjective.add_norm_grads` adds them to ``p.grad`` in place after backward (fused
-  foreach ops on a GPU; on CPU, where foreach ops stream a temporary per op through memory, each
-  cache-sized block goes through all four terms), instead of autograd building a graph over every
-  parameter each step. With ``compile_norm_grads`` (``model.compile_norm_grads``, by default on when
-  the model is compiled) one compiled function reads each parameter, theta0 and gradient once and
-  writes the gradient once, where the eager foreach ops make about five passes (on ViT-B/16 the eager
-  passes cost 1.4 ms of a 104 ms step, and a compiled step is 70 ms). ``forward`` then leaves them out
-  of the returned loss and computes their values only when asked (``norm_values=True``, for logging
-  every N steps). Same math: sign(0) = 0 as in autograd.
+  class in a batch have identical captions, which then act as each other's negatives. Which template
+  makes the caption, and whether the text tower and ``logit_scale`` train, is the model's business
+  (:class:`autoft.model.CLIPClassifier`); the ``reference`` convention requires both to train.
+* **Masks carry no gradient**: dcm's misclassified mask is computed under ``no_grad`` (argmax has none).
+* **Closed-form norm gradients** (``closed_form_norms=True``, what training uses): the norm terms'
+  gradients are added to ``p.grad`` in place after backward by :meth:`CompositeObjective.add_norm_grads`
+  (:mod:`autoft.norm_grads`: fused foreach ops on a GPU, cache-sized blocks on CPU, or one compiled pass
+  with ``compile_norm_grads``, ``model.compile_norm_grads``), instead of autograd building a graph over
+  every parameter each step. ``forward`` then leaves them out of the returned loss and computes their
+  values only when asked (``norm_values=True``, for logging every N steps). Same math, scale included.
 * **Only active terms are computed.** Zero-weight terms are skipped (the norm terms alone touch
-  every parameter); the returned log dict has one detached entry per active term.
+  every parameter); the returned log dict has one detached entry per active term, the term's value as
+  the convention defines it (scale included) before its weight.
 * **ce defaults to weight 1** when not given (it is the paper's anchor term); any other given
   weight, including 0, is respected. An objective whose weights are all zero is rejected: it would
   train nothing.
@@ -50,20 +70,22 @@ paper or its reference code leaves open or gets wrong.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from autoft.norm_grads import CpuBlocks, coefficients, compiled_norm_grads, foreach_norm_grads
+
 LOSS_TERMS: tuple[str, ...] = (
     "ce", "hinge", "entropy", "dcm", "flyp", "l1init", "l2init", "l1zero", "l2zero"
 )
 NORM_TERMS: tuple[str, ...] = ("l1init", "l2init", "l1zero", "l2zero")
+CONVENTIONS: tuple[str, ...] = ("ours", "reference")
 _INIT_TERMS: tuple[str, ...] = ("l1init", "l2init")
-_CPU_BLOCK = 1 << 18  # elements per block of the CPU norm-gradient pass: 1 MiB of float32 per operand, cache-sized
 
 
 def ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -80,22 +102,37 @@ def hinge_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return (margins * not_true).sum(dim=1).mean()
 
 
+def _entropies(logits: Tensor) -> Tensor:
+    """Per-example prediction entropy ``H(softmax(z))``."""
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
 def entropy_loss(logits: Tensor) -> Tensor:
     """Mean prediction entropy ``H(softmax(z))``; a positive weight minimizes it."""
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
+    return _entropies(logits).mean()
+
+
+def _misclassified(logits: Tensor, labels: Tensor) -> Tensor:
+    with torch.no_grad():
+        return logits.argmax(dim=1) != labels
 
 
 def dcm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Confidence minimization on misclassified examples: ``sum_wrong KL(uniform || p) / B``.
+    """Ours: confidence minimization on misclassified examples, ``sum_wrong KL(uniform || p) / B``.
 
     Divided by the full batch size so it is 0 when all are correct and scales with the error rate.
     """
-    with torch.no_grad():
-        wrong = logits.argmax(dim=1) != labels
+    wrong = _misclassified(logits, labels)
     log_p = F.log_softmax(logits, dim=1)
     kl_from_uniform = -log_p.mean(dim=1) - math.log(logits.shape[1])
     return (kl_from_uniform * wrong).sum() / logits.shape[0]
+
+
+def dcm_reference_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The reference code's dcm: ``mean_b [wrong_b H(p_b)]`` (a positive weight lowers the entropy of
+    misclassified examples, i.e. makes them more confident)."""
+    return (_entropies(logits) * _misclassified(logits, labels)).mean()
 
 
 def flyp_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
@@ -116,7 +153,8 @@ def norm_terms(
 ) -> dict[str, Tensor]:
     """Unnormalized L1/L2 distances of ``params`` to ``theta0`` (``*init``) and to zero (``*zero``).
 
-    Sums over all elements (see the module docstring for why), computed in float32 with autocast off.
+    Sums over all elements, with autocast off, in float32 at least (float64 stays float64); the
+    convention's scale is applied by the caller.
     """
     terms = tuple(terms)
     unknown = [t for t in terms if t not in NORM_TERMS]
@@ -126,12 +164,12 @@ def norm_terms(
         return {t: torch.zeros(()) for t in terms}
     device_type = params[0].device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        current = [p.float() for p in params]
+        current = [_at_least_float32(p) for p in params]
         bases: dict[str, list[Tensor]] = {}
         if any(t in _INIT_TERMS for t in terms):
             if theta0 is None or len(theta0) != len(params):
                 raise ValueError("l1init/l2init need theta0 with one tensor per parameter")
-            bases["init"] = torch._foreach_sub(current, [t.float() for t in theta0])
+            bases["init"] = torch._foreach_sub(current, [_at_least_float32(t) for t in theta0])
         if any(t not in _INIT_TERMS for t in terms):
             bases["zero"] = current
         out: dict[str, Tensor] = {}
@@ -145,8 +183,22 @@ def norm_terms(
     return out
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@dataclass
+class _NormGroup:
+    """Trainable parameters (indices into ``CompositeObjective.params``) sharing one per-element pull per
+    norm term: the term's weight (the group's own, else the global one) times the convention's scale."""
+
+    name: str
+    indices: list[int]
+    pull: dict[str, float]
+
+
 class CompositeObjective(torch.nn.Module):
-    """Loss = sum_i w_i * L_i over LOSS_TERMS."""
+    """Loss = sum_i w_i * L_i over LOSS_TERMS, under ``convention`` (see the module docstring)."""
 
     def __init__(
         self,
@@ -154,45 +206,87 @@ class CompositeObjective(torch.nn.Module):
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
         closed_form_norms: bool = False,
         compile_norm_grads: bool = False,
+        *,
+        convention: str = "ours",
+        norm_scale: Mapping[str, float] | None = None,
+        param_count: int | None = None,
+        group_of: Mapping[str, str] | None = None,
+        group_weights: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
-        """Validate ``weights`` (missing terms weigh 0, ce defaults to 1) and snapshot theta0 if needed.
+        """Validate the weights (missing terms weigh 0, ce defaults to 1) and snapshot theta0 if needed.
 
         ``named_params`` is typically ``model.named_parameters()``; only trainable ones are kept.
         ``closed_form_norms``: the norm terms' gradients come from :meth:`add_norm_grads`, called
         between backward and the optimizer step, not from the loss ``forward`` returns.
         ``compile_norm_grads``: those gradients come from one torch.compile'd pass (compiled once per
-        process and shape set, then reused by every objective: the weights are a tensor input).
+        process and parameter list, then reused by every objective: the coefficients are a tensor input).
+        ``convention``: ``ours`` scales norm term t by ``norm_scale[t]`` (default 1.0 each);
+        ``reference`` divides the norm terms by ``param_count`` (required) and uses the reference's dcm.
+        ``group_of`` maps each trainable parameter's name to its layer group, and ``group_weights`` gives
+        a group its own norm-term weights (the global weight otherwise).
         """
         super().__init__()
         self.weights: dict[str, float] = _validated_weights(weights)
+        self.convention = convention
+        self.scale: dict[str, float] = _norm_scales(convention, norm_scale, param_count)
+        self.param_count = param_count
         self.closed_form_norms = closed_form_norms
         self.compile_norm_grads = compile_norm_grads
-        self._coefs: Tensor | None = None  # (a, b, c, d) of add_norm_grads on the parameters' device
+        self._coefs: Tensor | None = None  # [P, 4] (a, b, c, d) per parameter, on the parameters' device
+        self._cpu = CpuBlocks()
+        named = [(n, p) for n, p in named_params if p.requires_grad]
         # A plain list, not registered: the model owns its parameters, the objective only reads them.
-        self.params: list[torch.nn.Parameter] = [p for _, p in named_params if p.requires_grad]
+        self.names: list[str] = [n for n, _ in named]
+        self.params: list[torch.nn.Parameter] = [p for _, p in named]
+        self.group_weights = _validated_group_weights(group_weights or {})
+        self.groups: list[_NormGroup] = self._norm_groups(group_of)
+        if not any(v > 0 for v in self.weights.values()) and not any(
+                w > 0 for g in self.group_weights.values() for w in g.values()):
+            raise ValueError("all loss weights are zero: the objective would train nothing")
         self._num_theta0 = 0
-        self._scratch_by_dtype: dict[torch.dtype, Tensor] = {}
-        if any(self.weights[t] > 0 for t in _INIT_TERMS):
+        if any(t in self.active_terms for t in _INIT_TERMS):
             for i, p in enumerate(self.params):
                 self.register_buffer(f"theta0_{i}", p.detach().clone(), persistent=False)
             self._num_theta0 = len(self.params)
 
+    def _norm_groups(self, group_of: Mapping[str, str] | None) -> list[_NormGroup]:
+        """The parameters split by layer group (one group of all without ``group_of``), each with its pulls."""
+        if group_of is None:
+            if self.group_weights:
+                raise ValueError("group_weights need group_of (each trainable parameter's layer group)")
+            order = {"all": list(range(len(self.params)))}
+        else:
+            order = {}
+            for i, name in enumerate(self.names):
+                if name not in group_of:
+                    raise ValueError(f"trainable parameter {name!r} belongs to no layer group")
+                order.setdefault(group_of[name], []).append(i)
+        return [_NormGroup(g, idx, {t: self.group_weights.get(g, {}).get(t, self.weights[t]) * self.scale[t]
+                                    for t in NORM_TERMS}) for g, idx in order.items()]
+
     @property
     def theta0(self) -> list[Tensor] | None:
         """Frozen copies of the trainable parameters at construction (or last reset), if l*init is active."""
-        if not any(self.weights[t] > 0 for t in _INIT_TERMS):
+        if not self._num_theta0:
             return None
         return [getattr(self, f"theta0_{i}") for i in range(self._num_theta0)]
 
     @property
     def active_terms(self) -> tuple[str, ...]:
-        """Terms with a positive weight, in LOSS_TERMS order."""
-        return tuple(t for t in LOSS_TERMS if self.weights[t] > 0)
+        """Terms with a positive weight (a norm term: globally or in some layer group), in LOSS_TERMS order."""
+        group_norms = {t for g in self.group_weights.values() for t, w in g.items() if w > 0}
+        return tuple(t for t in LOSS_TERMS if self.weights[t] > 0 or t in group_norms)
 
     @property
     def needs_text(self) -> bool:
         """Whether the caller must pass caption features (flyp is active)."""
         return self.weights["flyp"] > 0
+
+    @property
+    def pulls(self) -> dict[str, dict[str, float]]:
+        """Per trainable parameter name, each norm term's per-element pull: its weight times its scale
+        (the L1 gradient's magnitude, half the L2 gradient's factor on ``p - p0`` or ``p``)."""
+        return {self.names[i]: dict(g.pull) for g in self.groups for i in g.indices}
 
     def forward(
         self,
@@ -203,7 +297,7 @@ class CompositeObjective(torch.nn.Module):
         logit_scale: Tensor | float | None = None,
         norm_values: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return ``(total, values)``: the weighted loss and each active term's detached raw value.
+        """Return ``(total, values)``: the weighted loss and each active term's detached value.
 
         With ``closed_form_norms`` the total leaves the norm terms out (their gradients come from
         :meth:`add_norm_grads`) and their values are computed, without a graph, only if ``norm_values``.
@@ -217,7 +311,7 @@ class CompositeObjective(torch.nn.Module):
         if "entropy" in active:
             values["entropy"] = entropy_loss(logits)
         if "dcm" in active:
-            values["dcm"] = dcm_loss(logits, labels)
+            values["dcm"] = (dcm_reference_loss if self.convention == "reference" else dcm_loss)(logits, labels)
         if "flyp" in active:
             if image_features is None or text_features is None or logit_scale is None:
                 raise ValueError(
@@ -225,71 +319,65 @@ class CompositeObjective(torch.nn.Module):
                     "class caption) and logit_scale; got None for at least one"
                 )
             values["flyp"] = flyp_loss(image_features, text_features, logit_scale)
+        terms = [self.weights[t] * v for t, v in values.items()]
         active_norms = [t for t in NORM_TERMS if t in active]
         if active_norms and not self.closed_form_norms:
-            values.update(norm_terms(self.params, self.theta0, active_norms))
-        total: Tensor = sum(self.weights[t] * v for t, v in values.items())  # type: ignore[assignment]
-        if not values:  # only norm terms, all in closed form: nothing for autograd to do
-            total = logits.sum() * 0.0
+            norms, weighted = self._norms(active_norms)
+            values.update(norms)
+            terms.append(weighted)
+        total: Tensor = sum(terms[1:], terms[0]) if terms else logits.sum() * 0.0  # only closed-form norms: 0
         values = {t: v.detach() for t, v in values.items()}
         if active_norms and self.closed_form_norms and norm_values:
             with torch.no_grad():
-                values.update(norm_terms(self.params, self.theta0, active_norms))
+                values.update(self._norms(active_norms)[0])
         return total, values
+
+    def _norms(self, terms: list[str]) -> tuple[dict[str, Tensor], Tensor]:
+        """Each norm term's value (scale included, over all trainable parameters) and their weighted sum,
+        each layer group with its own weights (one :func:`norm_terms` call per group)."""
+        theta0 = self.theta0
+        values: dict[str, Tensor] = {}
+        weighted: list[Tensor] = []
+        for group in self.groups or [_NormGroup("all", [], {t: 0.0 for t in NORM_TERMS})]:
+            raw = norm_terms([self.params[i] for i in group.indices],
+                             [theta0[i] for i in group.indices] if theta0 is not None else None, terms)
+            for t, v in raw.items():
+                values[t] = values[t] + self.scale[t] * v if t in values else self.scale[t] * v
+                weighted.append(group.pull[t] * v)
+        return values, sum(weighted[1:], weighted[0])
 
     @torch.no_grad()
     def add_norm_grads(self) -> None:
-        """Add the active norm terms' gradients to ``p.grad`` in place, in closed form: fused foreach ops
-        on a GPU, cache-sized blocks on CPU.
+        """Add the active norm terms' gradients to ``p.grad`` in place, in closed form
+        (:mod:`autoft.norm_grads`: fused foreach ops on a GPU, cache-sized blocks on CPU, or compiled).
 
         Call after backward and before the optimizer step (after AMP unscaling), once per step.
         """
-        w = self.weights
-        if not self.closed_form_norms or not any(w[t] > 0 for t in NORM_TERMS) or not self.params:
+        if not self.closed_form_norms or not any(t in self.active_terms for t in NORM_TERMS) or not self.params:
             return
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        # g += a p + b theta0 + c sign(p - theta0) + d sign(p): the two L2 pulls merged into two passes
-        a, b = 2 * (w["l2init"] + w["l2zero"]), -2 * w["l2init"]
-        c, d = w["l1init"], w["l1zero"]
         params, grads, theta0 = self.params, [p.grad for p in self.params], self.theta0
         if self.compile_norm_grads:
             if self._coefs is None or self._coefs.device != params[0].device:
-                self._coefs = torch.tensor([a, b, c, d], dtype=torch.float32, device=params[0].device)
-            _compiled_norm_grads()(grads, params, theta0 if theta0 is not None else params, self._coefs)
+                rows = [None] * len(params)
+                for group in self.groups:
+                    for i in group.indices:
+                        rows[i] = coefficients(group.pull)
+                dtype = torch.promote_types(params[0].dtype, torch.float32)  # 1/N is below bf16's precision
+                self._coefs = torch.tensor(rows, dtype=dtype, device=params[0].device)
+            compiled_norm_grads()(grads, params, theta0 if theta0 is not None else params, self._coefs)
             return
-        if params[0].device.type != "cpu":
-            _foreach_norm_grads(grads, params, theta0, a, b, c, d)
-            return
-        # CPU foreach ops loop over tensors and allocate every temporary; instead, each block of
-        # _CPU_BLOCK elements of each tensor goes through all the terms while it sits in cache, with
-        # one reused scratch buffer: about 10 ms against 50 over the tiny CLIP's 5.8M weights (1 thread)
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            for pb, gb, qb, scratch in self._cpu_blocks(p.detach(), g, theta0[i] if theta0 is not None else None):
-                if a:
-                    gb.add_(pb, alpha=a)
-                if b:
-                    gb.add_(qb, alpha=b)
-                if c:
-                    gb.add_(torch.sub(pb, qb, out=scratch).sign_(), alpha=c)
-                if d:
-                    gb.add_(torch.sign(pb, out=scratch), alpha=d)
-
-    def _cpu_blocks(self, p: Tensor, g: Tensor, q: Tensor | None):
-        """(param, grad, theta0, scratch) blocks of _CPU_BLOCK elements, the scratch buffer reused (one per
-        dtype); a tensor not contiguous in the default order (channels_last conv weights, small) is one block."""
-        if not (p.is_contiguous() and g.is_contiguous() and (q is None or q.is_contiguous())):
-            yield p, g, q, torch.empty_like(p)
-            return
-        if p.dtype not in self._scratch_by_dtype:
-            self._scratch_by_dtype[p.dtype] = torch.empty(_CPU_BLOCK, dtype=p.dtype)
-        buffer = self._scratch_by_dtype[p.dtype]
-        p, g, q = p.view(-1), g.view(-1), q.view(-1) if q is not None else None
-        for start in range(0, p.numel(), _CPU_BLOCK):
-            block = slice(start, start + _CPU_BLOCK)
-            pb = p[block]
-            yield pb, g[block], q[block] if q is not None else None, buffer[: pb.numel()]
+        on_cpu = params[0].device.type == "cpu"
+        for group in self.groups:
+            a, b, c, d = coefficients(group.pull)
+            if on_cpu:
+                for i in group.indices:
+                    self._cpu.add(grads[i], params[i].detach(), theta0[i] if theta0 is not None else None, a, b, c, d)
+            else:
+                foreach_norm_grads([grads[i] for i in group.indices], [params[i] for i in group.indices],
+                                   [theta0[i] for i in group.indices] if theta0 is not None else None, a, b, c, d)
 
     @torch.no_grad()
     def reset_theta0(self) -> None:
@@ -301,37 +389,11 @@ class CompositeObjective(torch.nn.Module):
             base.copy_(p)
 
 
-def _foreach_norm_grads(grads: list[Tensor], params: Sequence[Tensor], theta0: Sequence[Tensor] | None,
-                        a: float, b: float, c: float, d: float) -> None:
-    """``g += a p + b theta0 + c sign(p - theta0) + d sign(p)`` with fused multi-tensor ops (GPU path)."""
-    if a:
-        torch._foreach_add_(grads, params, alpha=a)
-    if b:
-        torch._foreach_add_(grads, theta0, alpha=b)
-    if c:
-        diffs = torch._foreach_sub(params, theta0)
-        torch._foreach_sign_(diffs)
-        torch._foreach_add_(grads, diffs, alpha=c)
-    if d:
-        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=d)
-
-
-def _fused_norm_grads(grads: list[Tensor], params: Sequence[Tensor], theta0: Sequence[Tensor],
-                      coefs: Tensor) -> None:
-    """``g += a p + b theta0 + c sign(p - theta0) + d sign(p)``, written for torch.compile to fuse into one
-    pass per tensor group. Every term is computed (a zero coefficient adds zero) and the coefficients are
-    a tensor, so neither their values nor which of them are zero trigger a recompilation."""
-    a, b, c, d = coefs.unbind()
-    torch._foreach_add_(grads, [a * p + b * q + c * torch.sign(p - q) + d * torch.sign(p)
-                                for p, q in zip(params, theta0, strict=True)])
-
-
-@functools.cache
-def _compiled_norm_grads():
-    # static shapes: a second parameter list in one process (another model, a multirun's next job) gets
-    # its own graph. By default it would get one with dynamic shapes, whose many-kernel wrapper was the
-    # likely cause of a compiled ViT-B/16 trained-text step measured at 0.80x instead of 0.86x.
-    return torch.compile(_fused_norm_grads, dynamic=False)
+def _validated_weight(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"weight of loss term {name!r} must be finite and >= 0, got {value}")
+    return value
 
 
 def _validated_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -341,10 +403,40 @@ def _validated_weights(weights: Mapping[str, float]) -> dict[str, float]:
     for name, value in weights.items():
         if name not in out:
             raise ValueError(f"unknown loss term {name!r}; valid terms: {', '.join(LOSS_TERMS)}")
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"weight of loss term {name!r} must be finite and >= 0, got {value}")
-        out[name] = value
-    if not any(v > 0 for v in out.values()):
-        raise ValueError("all loss weights are zero: the objective would train nothing")
+        out[name] = _validated_weight(name, value)
     return out
+
+
+def _validated_group_weights(group_weights: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Per layer group, its own norm-term weights; other terms have no per-group weight."""
+    out: dict[str, dict[str, float]] = {}
+    for group, weights in group_weights.items():
+        unknown = [t for t in weights if t not in NORM_TERMS]
+        if unknown:
+            raise ValueError(f"layer group {group!r}: only the norm terms ({', '.join(NORM_TERMS)}) have "
+                             f"per-group weights, not {', '.join(map(repr, unknown))}")
+        out[group] = {t: _validated_weight(f"{t}' of layer group '{group}", w) for t, w in weights.items()}
+    return out
+
+
+def _norm_scales(convention: str, norm_scale: Mapping[str, float] | None, param_count: int | None
+                 ) -> dict[str, float]:
+    """Each norm term's scale: ``norm_scale[t]`` (default 1.0) under ours, ``1 / param_count`` under reference."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if convention == "reference":
+        if norm_scale is not None:
+            raise ValueError("norm_scale belongs to the ours convention; the reference convention divides the "
+                             "norm terms by param_count")
+        if param_count is None or int(param_count) <= 0:
+            raise ValueError("the reference convention needs param_count, the model's total parameter count")
+        return dict.fromkeys(NORM_TERMS, 1.0 / int(param_count))
+    scales = dict.fromkeys(NORM_TERMS, 1.0)
+    for term, value in (norm_scale or {}).items():
+        if term not in NORM_TERMS:
+            raise ValueError(f"norm_scale: unknown norm term {term!r}; valid: {', '.join(NORM_TERMS)}")
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"norm_scale of {term!r} must be finite and > 0, got {value}")
+        scales[term] = value
+    return scales

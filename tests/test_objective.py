@@ -446,13 +446,13 @@ def test_closed_form_leaves_norms_out_of_the_loss_and_skips_their_values_on_requ
 def test_closed_form_norm_grads_on_cpu_blocks_and_channels_last_weights() -> None:
     """The CPU path splits large tensors into cache-sized blocks and keeps non-contiguous (channels_last)
     weights whole: the gradients it adds equal autograd's of the same norm terms."""
-    from autoft.objective import _CPU_BLOCK, _foreach_norm_grads, norm_terms
+    from autoft.norm_grads import CPU_BLOCK, foreach_norm_grads
 
     torch.manual_seed(0)
-    big = nn.Linear(_CPU_BLOCK // 500 + 7, 500)  # > _CPU_BLOCK weights: several blocks, the last partial
+    big = nn.Linear(CPU_BLOCK // 500 + 7, 500)  # > CPU_BLOCK weights: several blocks, the last partial
     conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
     params = [*big.parameters(), *conv.parameters()]
-    assert big.weight.numel() > _CPU_BLOCK and not conv.weight.is_contiguous()
+    assert big.weight.numel() > CPU_BLOCK and not conv.weight.is_contiguous()
     weights = {"ce": 0.0, "l1init": 0.3, "l2init": 0.5, "l1zero": 0.01, "l2zero": 0.02}
     obj = CompositeObjective(weights, [*big.named_parameters(), *conv.named_parameters()], closed_form_norms=True)
     with torch.no_grad():
@@ -466,7 +466,7 @@ def test_closed_form_norm_grads_on_cpu_blocks_and_channels_last_weights() -> Non
     # the GPU path (fused foreach ops) on the same tensors, with the coefficients add_norm_grads uses
     grads = [torch.zeros_like(p) for p in params]
     w = obj.weights
-    _foreach_norm_grads(grads, params, obj.theta0, 2 * (w["l2init"] + w["l2zero"]), -2 * w["l2init"], w["l1init"],
+    foreach_norm_grads(grads, params, obj.theta0, 2 * (w["l2init"] + w["l2zero"]), -2 * w["l2init"], w["l1init"],
                         w["l1zero"])
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
