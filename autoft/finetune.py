@@ -28,6 +28,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
+from autoft.conventions import objective_settings
 from autoft.data import WildsDataModule, file_stat
 from autoft.datasets import check_root, make_data, templates
 from autoft.model import CLIPClassifier, load_clip
@@ -268,7 +269,9 @@ def build(cfg: DictConfig, reuse: bool = False) -> tuple[CLIPClassifier, pl.Ligh
     clip, train_tf, eval_tf, tokenizer = load_clip(cfg.model.name, pretrained)
     data = make_data(cfg.dataset, root, train_tf, eval_tf)
     model = CLIPClassifier(clip, tokenizer, data.class_names, templates(cfg.dataset.templates),
-                           train_text=cfg.model.train_text, text_head=cfg.model.get("text_head", False))
+                           train_text=cfg.model.train_text, text_head=cfg.model.get("text_head", False),
+                           train_logit_scale=cfg.model.get("train_logit_scale", False),
+                           captions=cfg.model.get("captions", "first"))
     if cfg.model.get("channels_last", False):
         model.use_channels_last()
     if cfg.model.get("compile", False):  # in place: same parameters and state-dict keys; compiled once per process
@@ -339,9 +342,10 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
     ``keep_on_device``: leave the model on its device afterwards (see :func:`make_trainer`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     compile_norms = cfg.model.get("compile_norm_grads", cfg.model.get("compile", False))
+    settings = objective_settings(cfg, model)  # convention, per-layer-group norm weights
     try:
         objective = CompositeObjective(OmegaConf.to_container(cfg.objective.weights), model.trainable(),
-                                       closed_form_norms=True, compile_norm_grads=compile_norms)
+                                       closed_form_norms=True, compile_norm_grads=compile_norms, **settings)
     except ValueError as e:
         raise UserError(f"objective: {e}") from None
     module = FineTuner(model, objective, data.evaluate, **cfg.optim)

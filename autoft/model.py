@@ -122,37 +122,49 @@ def zeroshot_weights(clip: nn.Module, tokenizer, class_names: Sequence[str],
 class CLIPClassifier(nn.Module):
     """Image tower + zero-shot-initialised linear head; text tower kept for the flyp term.
 
-    ``logit_scale`` is frozen (it is folded into the head). The text tower is frozen unless
+    ``logit_scale`` is frozen (it is folded into the head) unless ``train_logit_scale`` (FLYP and the
+    reference convention train it: it then scales the flyp term only). The text tower is frozen unless
     ``train_text``; when frozen, the class-caption features are computed once and reused (and
     recomputed after :meth:`restore`). ``channels_last``: images enter the tower in that memory format.
     ``text_head`` (FLYP): the head is not a trained layer but the zero-shot classifier of the current
     text tower, rebuilt whenever the model enters eval mode.
+
+    ``captions`` chooses each image's caption for flyp: ``first``, the first template (or
+    ``caption_template``) filled with its class; ``all``, FLYP's handling: its training CSV holds one row
+    per (image, template), each template filled with the image's class, and batches are drawn from those
+    rows, so an image is contrasted with a caption of a uniformly chosen template. Here each image of a
+    training batch gets a template drawn uniformly at every step (the same distribution per image; FLYP
+    draws rows without replacement within an epoch of its CSV).
     """
 
     def __init__(self, clip: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
-                 caption_template: str | None = None, train_text: bool = False, text_head: bool = False):
+                 caption_template: str | None = None, train_text: bool = False, text_head: bool = False,
+                 train_logit_scale: bool = False, captions: str = "first"):
         super().__init__()
+        if captions not in ("first", "all"):
+            raise UserError(f"unknown captions '{captions}'; use first or all")
         self.clip = clip
-        self.train_text, self.text_head = train_text, text_head
+        self.train_text, self.text_head, self.captions = train_text, text_head, captions
         scale = clip.logit_scale.exp().item()
         weights = zeroshot_weights(clip, tokenizer, class_names, templates)
         self.head = nn.Linear(weights.shape[1], weights.shape[0])
         with torch.no_grad():
             self.head.weight.copy_(weights * scale)
             self.head.bias.zero_()
-        captions = [(caption_template or templates[0]).format(c) for c in class_names]
+        caption_templates = templates if captions == "all" else [caption_template or templates[0]]
+        self.templates_per_class = len(caption_templates)  # caption_tokens row of (class k, template t): k * T + t
         self.prefix_text = _prefix_encodable(clip)
-        self.register_buffer("caption_tokens", self._tokens(tokenizer, captions), persistent=False)
+        self.register_buffer("caption_tokens", self._tokens(
+            tokenizer, [t.format(c) for c in class_names for t in caption_templates]), persistent=False)
         if text_head:  # every (class, template) prompt, to rebuild the zero-shot head from the text tower
             prompts = self._tokens(tokenizer, [t.format(c) for c in class_names for t in templates])
             self.register_buffer("prompt_tokens", prompts.view(len(class_names), len(templates), -1), persistent=False)
             self.head.requires_grad_(False)  # the head is the text tower's: rebuilt, never trained
         self._frozen_captions: torch.Tensor | None = None
         self.channels_last = False
-        clip.logit_scale.requires_grad_(False)
         for name, p in clip.named_parameters():
             if not name.startswith("visual."):
-                p.requires_grad_(train_text and name != "logit_scale")
+                p.requires_grad_(train_logit_scale if name == "logit_scale" else train_text)
 
     def _tokens(self, tokenizer, texts: Sequence[str]) -> torch.Tensor:
         """Token rows of ``texts``, cut after the longest one's end-of-text token where that is exact
@@ -211,15 +223,20 @@ class CLIPClassifier(nn.Module):
         return self
 
     def caption_features(self, labels: torch.Tensor) -> torch.Tensor:
-        """Normalised text features of each label's class caption (for the flyp term)."""
+        """Normalised text features of each label's class caption (for the flyp term); with ``captions=all``
+        each image's template is drawn uniformly (the global RNG, seeded by the run)."""
+        rows = labels
+        if self.templates_per_class > 1:
+            picks = torch.randint(self.templates_per_class, labels.shape, device=labels.device)
+            rows = labels * self.templates_per_class + picks
         if self.train_text:
-            if len(self.caption_tokens) <= len(labels):  # fewer classes than images: each caption once, gathered
-                return F.normalize(self.encode_captions(self.caption_tokens), dim=-1)[labels]
-            return F.normalize(self.encode_captions(self.caption_tokens[labels]), dim=-1)
+            if len(self.caption_tokens) <= len(rows):  # fewer captions than images: each caption once, gathered
+                return F.normalize(self.encode_captions(self.caption_tokens), dim=-1)[rows]
+            return F.normalize(self.encode_captions(self.caption_tokens[rows]), dim=-1)
         if self._frozen_captions is None or self._frozen_captions.device != labels.device:
             with torch.no_grad():
                 self._frozen_captions = F.normalize(self.encode_captions(self.caption_tokens), dim=-1)
-        return self._frozen_captions[labels]
+        return self._frozen_captions[rows]
 
     def trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
