@@ -4,10 +4,13 @@ Each norm term's per-element gradient is known, so :class:`autoft.objective.Comp
 instead of autograd building a graph over every parameter each step. With per-element pulls ``e_t`` (a
 term's weight times its scale, see the objective's docstring) the four terms together add
 
-    g += a p + b theta0 + c sign(p - theta0) + d sign(p),
-    a = 2 (e_l2init + e_l2zero),  b = -2 e_l2init,  c = e_l1init,  d = e_l1zero
+    g += A (p - theta0) + B sign(p - theta0) + C p + D sign(p),
+    A = 2 e_l2init,  B = e_l1init,  C = 2 e_l2zero,  D = e_l1zero.
 
-(the two L2 pulls merged into two passes). sign(0) = 0, as in autograd. Three ways to run it, same math:
+``p - theta0`` is formed first (exact for nearby floats) and then scaled: the algebraically equal
+``A p - A theta0`` loses the difference in rounding when ``|p| >> |p - theta0|``, which is fine-tuning's
+regime (benchmarks/reference_pull.py caught it on ViT-B/16; tests/test_objective.py holds it to 1e-6).
+sign(0) = 0, as in autograd. Three ways to run it, same math:
 
 * **GPU**: fused multi-tensor (foreach) ops, one call per set of parameters sharing coefficients.
 * **CPU**: foreach ops stream a temporary per op through memory; instead each cache-sized block of a tensor
@@ -33,34 +36,36 @@ CPU_BLOCK = 1 << 18  # elements per block of the CPU pass: 1 MiB of float32 per 
 
 
 def coefficients(pull: Mapping[str, float]) -> tuple[float, float, float, float]:
-    """``(a, b, c, d)`` of the update above from the per-element pulls of l1init, l2init, l1zero, l2zero."""
-    return 2 * (pull["l2init"] + pull["l2zero"]), -2 * pull["l2init"], pull["l1init"], pull["l1zero"]
+    """``(A, B, C, D)`` of the update above from the per-element pulls of l1init, l2init, l1zero, l2zero."""
+    return 2 * pull["l2init"], pull["l1init"], 2 * pull["l2zero"], pull["l1zero"]
 
 
 def foreach_norm_grads(grads: list[Tensor], params: Sequence[Tensor], theta0: Sequence[Tensor] | None,
                        a: float, b: float, c: float, d: float) -> None:
-    """``g += a p + b theta0 + c sign(p - theta0) + d sign(p)`` with fused multi-tensor ops (GPU path)."""
-    if a:
-        torch._foreach_add_(grads, params, alpha=a)
-    if b:
-        torch._foreach_add_(grads, theta0, alpha=b)
-    if c:
+    """``g += a (p - theta0) + b sign(p - theta0) + c p + d sign(p)`` with fused multi-tensor ops (GPU path)."""
+    if a or b:
         diffs = torch._foreach_sub(params, theta0)
-        torch._foreach_sign_(diffs)
-        torch._foreach_add_(grads, diffs, alpha=c)
+        if a:
+            torch._foreach_add_(grads, diffs, alpha=a)
+        if b:
+            torch._foreach_sign_(diffs)
+            torch._foreach_add_(grads, diffs, alpha=b)
+    if c:
+        torch._foreach_add_(grads, params, alpha=c)
     if d:
         torch._foreach_add_(grads, torch._foreach_sign(params), alpha=d)
 
 
 def fused_norm_grads(grads: list[Tensor], params: Sequence[Tensor], theta0: Sequence[Tensor],
                      coefs: Tensor) -> None:
-    """The same update with row ``i`` of ``coefs`` [P, 4] as parameter i's ``(a, b, c, d)``, written for
+    """The same update with row ``i`` of ``coefs`` [P, 4] as parameter i's ``(A, B, C, D)``, written for
     torch.compile to fuse into one pass per tensor group. Every term is computed (a zero coefficient adds
     zero), so the coefficients' values never change the graph."""
     updates = []
     for i, (p, q) in enumerate(zip(params, theta0, strict=True)):
         a, b, c, d = coefs[i].unbind()
-        updates.append(a * p + b * q + c * torch.sign(p - q) + d * torch.sign(p))
+        diff = p - q
+        updates.append(a * diff + b * torch.sign(diff) + c * p + d * torch.sign(p))
     torch._foreach_add_(grads, updates)
 
 
@@ -79,14 +84,16 @@ class CpuBlocks:
         self._scratch: dict[torch.dtype, Tensor] = {}
 
     def add(self, g: Tensor, p: Tensor, q: Tensor | None, a: float, b: float, c: float, d: float) -> None:
-        """``g += a p + b q + c sign(p - q) + d sign(p)`` block by block (``q`` is theta0, None if b = c = 0)."""
+        """``g += a (p - q) + b sign(p - q) + c p + d sign(p)`` block by block (``q`` is theta0, None if a = b = 0)."""
         for pb, gb, qb, scratch in self._blocks(p, g, q):
-            if a:
-                gb.add_(pb, alpha=a)
-            if b:
-                gb.add_(qb, alpha=b)
+            if a or b:
+                torch.sub(pb, qb, out=scratch)
+                if a:
+                    gb.add_(scratch, alpha=a)
+                if b:
+                    gb.add_(scratch.sign_(), alpha=b)
             if c:
-                gb.add_(torch.sub(pb, qb, out=scratch).sign_(), alpha=c)
+                gb.add_(pb, alpha=c)
             if d:
                 gb.add_(torch.sign(pb, out=scratch), alpha=d)
 

@@ -446,7 +446,7 @@ def test_closed_form_leaves_norms_out_of_the_loss_and_skips_their_values_on_requ
 def test_closed_form_norm_grads_on_cpu_blocks_and_channels_last_weights() -> None:
     """The CPU path splits large tensors into cache-sized blocks and keeps non-contiguous (channels_last)
     weights whole: the gradients it adds equal autograd's of the same norm terms."""
-    from autoft.norm_grads import CPU_BLOCK, foreach_norm_grads
+    from autoft.norm_grads import CPU_BLOCK, coefficients, foreach_norm_grads
 
     torch.manual_seed(0)
     big = nn.Linear(CPU_BLOCK // 500 + 7, 500)  # > CPU_BLOCK weights: several blocks, the last partial
@@ -465,9 +465,7 @@ def test_closed_form_norm_grads_on_cpu_blocks_and_channels_last_weights() -> Non
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6)
     # the GPU path (fused foreach ops) on the same tensors, with the coefficients add_norm_grads uses
     grads = [torch.zeros_like(p) for p in params]
-    w = obj.weights
-    foreach_norm_grads(grads, params, obj.theta0, 2 * (w["l2init"] + w["l2zero"]), -2 * w["l2init"], w["l1init"],
-                        w["l1zero"])
+    foreach_norm_grads(grads, params, obj.theta0, *coefficients(obj.weights))
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
@@ -503,3 +501,28 @@ def test_closed_form_norm_grads_on_cuda_match_autograd_under_bf16_autocast(compi
     assert min((a - p0).abs().max().item() for a, p0 in zip(auto, init, strict=True)) > 1e-3  # it trained
     for a, c in zip(auto, closed, strict=True):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["cpu_blocks", "foreach", "compiled"])
+def test_closed_form_l2init_keeps_small_moves_precise_in_float32(path: str) -> None:
+    """Fine-tuning moves weights of size ~1 by far less: the l2init gradient 2 w (p - p0) must come from the
+    difference, not from 2 w p - 2 w p0 (whose rounding is relative to |p|, here 1e4 times the move)."""
+    from autoft.norm_grads import coefficients, foreach_norm_grads
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.copy_(0.5 + torch.rand(32, 64, generator=g))
+    obj = CompositeObjective({"ce": 0.0, "l2init": 0.3}, lin.named_parameters(), closed_form_norms=True,
+                             compile_norm_grads=path == "compiled")
+    with torch.no_grad():
+        lin.weight.add_(1e-4 * (torch.randint(0, 2, (32, 64), generator=g) * 2 - 1))
+    exact = 2 * 0.3 * (lin.weight.double() - obj.theta0[0].double())
+    if path == "foreach":  # the GPU path's ops, run on CPU tensors
+        grads = [torch.zeros_like(p) for p in obj.params]
+        foreach_norm_grads(grads, obj.params, obj.theta0, *coefficients(obj.groups[0].pull))
+        got = grads[0]
+    else:  # CPU blocks, or the compiled one-pass function
+        obj.add_norm_grads()
+        got = lin.weight.grad
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=0)
