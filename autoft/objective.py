@@ -14,12 +14,12 @@ table, and :mod:`autoft.conventions` converts weights between the two):
   intent); it is 0 when everything is right and grows with the error rate.
 * ``reference``: each norm term is that sum divided by ``param_count``, the number of elements of
   every parameter of the model the reference normalizes over: its ``ImageClassifier``, i.e. the whole
-  open_clip CLIP (image tower, text tower, ``logit_scale``) plus the classification head (about
-  1.497e8 for ViT-B/16 with iWildCam's 182-class head). The caller counts it from the model
-  (:func:`autoft.conventions.parameter_count`), never a constant. ``dcm`` is the reference's
-  ``mean_b [wrong_b H(p_b)]``: with a positive weight it makes misclassified examples *more*
+  open_clip CLIP (image tower, text tower, ``logit_scale``) plus the classification head (149,714,103
+  for ViT-B/16 with iWildCam's 182-class head: ``benchmarks/results/2026-11-30-cpu/reference-pull.json``).
+  The caller counts it from the model (:func:`autoft.conventions.parameter_count`), never a constant.
+  ``dcm`` is the reference's ``mean_b [wrong_b H(p_b)]``: with a positive weight it makes misclassified examples *more*
   confident; the published dcm weights were learned with it. The reference trains every parameter
-  (text tower and ``logit_scale`` included; :func:`autoft.conventions.make_objective` insists on it)
+  (text tower and ``logit_scale`` included; :func:`autoft.conventions.objective_settings` insists on it)
   and clips gradients at norm 1.0 in its WILDS scripts (``trainer.gradient_clip_val``, set by the
   published objective configs; its ImageNet script does not clip).
 
@@ -27,7 +27,8 @@ The other terms are the same function under both conventions. What neither conve
 reference code are its defects (``docs/autoft-method.md`` section 7):
 
 * **theta0 is a real copy.** The reference builds theta0 with ``p.detach().cuda()``, which on a CUDA
-  tensor aliases the live parameter, so its l1init/l2init are identically zero (defect 1). We store
+  tensor aliases the parameter: in its search that is the untrained copy of the model (the terms act),
+  in its final training the model being trained, so there its l1init/l2init are zero (defect 1). We store
   ``p.detach().clone()`` as non-persistent buffers: they follow ``.to(device)`` (Lightning moves them)
   but stay out of checkpoints, since they are the pretrained weights the caller already has. Under the
   ``reference`` convention l1init/l2init therefore act as the reference's formula says, not as its

@@ -484,7 +484,7 @@ def test_closed_form_norm_grads_on_cuda_match_autograd_under_bf16_autocast(compi
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 5)).cuda()
         obj = CompositeObjective(weights, model.named_parameters(), closed_form_norms=closed,
-                                 compile_norm_grads=closed and compiled)
+                                 compile_norm_grads=closed and compiled, norm_scale={"l1init": 2.0, "l2zero": 0.5})
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
         for _ in range(6):
             opt.zero_grad()
