@@ -107,7 +107,13 @@ class WorldConfig:
     n_ood_test_locations: int = 6
     dominant: tuple[float, float] = (0.7, 0.3)  # share of a training camera's two main species
     leak: float = 0.05  # probability that an ID image shows any species instead
+    id_rare: int = 0  # species that dominate no training camera: in ID data they appear only through the leak
+    label_noise: float = 0.0  # chance that an ID image is labelled with its camera's main species, whatever it shows
     ood_lookalike: float = 0.5  # share of OOD cameras in a training camera's habitat
+    tail: float = 0.7  # training camera k holds a share proportional to tail**k of the ID images
+    web_rare: int = 0  # species that are rare on the web (zero-shot knows them poorly; ID data teaches them)
+    web_rare_share: float = 0.1  # their frequency on the web, relative to the other species'
+    web_ground_captions: float = 1.0  # share of the day captions with context that name the ground
     trap: Nuisance = Nuisance(night=0.35, small=0.4, blur=0.3, partial=0.2)
     web: Nuisance = Nuisance(night=0.02, small=0.03, blur=0.03, partial=0.0)
     species: tuple[Species, ...] = DEFAULT_SPECIES
@@ -120,7 +126,16 @@ class WorldConfig:
     def web_key(self) -> str:
         """Hash of what the web set depends on: keys the pretrained model, so changing the
         camera-trap splits does not retrain it."""
-        return config_hash({k: getattr(self, k) for k in ("seed", "web", "species", "version")})
+        rare = ("web_rare", "web_rare_share") if self.web_rare else ()
+        rare += ("web_ground_captions",) if self.web_ground_captions != 1.0 else ()
+        return config_hash({k: getattr(self, k) for k in ("seed", "web", "species", "version", *rare)})
+
+    def web_species_weights(self) -> np.ndarray:
+        """Each species' probability on the web: ``web_rare`` of them (a seeded choice) ``web_rare_share`` times as
+        frequent as the others."""
+        w = np.ones(len(self.species))
+        w[np.random.default_rng([self.seed, 3]).permutation(len(self.species))[: self.web_rare]] = self.web_rare_share
+        return w / w.sum()
 
     @classmethod
     def from_dict(cls, given: dict) -> WorldConfig:
@@ -278,7 +293,8 @@ def _nuisances(nz: Nuisance, n: int, rng: np.random.Generator) -> dict[str, np.n
 def web_scenes(cfg: WorldConfig, n: int, rng: np.random.Generator) -> Scene:
     """Web images: any species on a fresh random background, few nuisances."""
     return Scene(
-        species=rng.integers(0, len(cfg.species), n),
+        species=rng.choice(len(cfg.species), n, p=cfg.web_species_weights()) if cfg.web_rare
+        else rng.integers(0, len(cfg.species), n),
         texture=rng.integers(0, len(TEXTURES), n),
         ground=rng.integers(0, len(GROUND_COLOURS), n),
         tex_freq=rng.uniform(0.5, 1.6, n),
@@ -297,11 +313,14 @@ def web_captions(cfg: WorldConfig, sc: Scene, rng: np.random.Generator) -> list[
     out = []
     grounds = list(GROUND_COLOURS)
     detail = rng.random(len(sc.species)) < 0.5
+    ground = rng.random(len(sc.species)) < cfg.web_ground_captions if cfg.web_ground_captions < 1 else detail
     for i in range(len(sc.species)):
         name = cfg.species[sc.species[i]].name
         ctx = ""
-        if detail[i]:
-            ctx = " at night" if sc.night[i] else f" on {TEXTURES[sc.texture[i]]} {grounds[sc.ground[i]]} ground"
+        if detail[i] and sc.night[i]:
+            ctx = " at night"
+        elif detail[i] and ground[i]:
+            ctx = f" on {TEXTURES[sc.texture[i]]} {grounds[sc.ground[i]]} ground"
         out.append(f"a photo of a {name}{ctx}.")
     return out
 
@@ -329,22 +348,29 @@ class Location:
 
 
 def _locations(cfg: WorldConfig, rng: np.random.Generator) -> list[Location]:
-    """Cameras: each has one fixed scene; training cameras also have two dominant species."""
-    n_id = cfg.n_train_locations
-    n_all = n_id + cfg.n_ood_val_locations + cfg.n_ood_test_locations
+    """Cameras: each has one fixed scene; training cameras also have two dominant species.
+
+    (texture, ground) combos are drawn without replacement so no two cameras look alike, except that in each OOD
+    split exactly ``round(ood_lookalike * n)`` cameras stand in a habitat like a training camera's (same ground and
+    texture, another layout), where a learned background shortcut then votes for the wrong species. A fixed count,
+    not a coin per camera: with a handful of cameras per split, coins made the shortcut's cost a lottery between
+    world seeds.
+    """
+    n_id, n_val, n_test = cfg.n_train_locations, cfg.n_ood_val_locations, cfg.n_ood_test_locations
+    n_all = n_id + n_val + n_test
     k = len(cfg.species)
-    order = rng.permutation(k)
-    # (texture, ground) combos are drawn without replacement so no two cameras look alike, except
-    # that an OOD camera may stand in a habitat like a training camera's (same ground and texture,
-    # another layout), where a learned background shortcut then votes for the wrong species.
+    # each round of training cameras pairs up the common species anew, so each of them dominates somewhere
+    common = rng.permutation(k)[cfg.id_rare:]
+    orders = np.concatenate([rng.permutation(common) for _ in range(-(-2 * n_id // len(common)))])
+    if n_all > len(TEXTURES) * len(GROUND_COLOURS):
+        raise UserError(f"{n_all} cameras but only {len(TEXTURES) * len(GROUND_COLOURS)} distinct habitats")
     combos = rng.permutation(len(TEXTURES) * len(GROUND_COLOURS))[:n_all]
-    lookalike = rng.random(n_all) < cfg.ood_lookalike
-    for i in range(n_id, n_all):
-        if lookalike[i]:
-            combos[i] = combos[(i - n_id) % n_id]
+    for first, n in ((n_id, n_val), (n_id + n_val, n_test)):
+        chosen = first + rng.permutation(n)[: round(cfg.ood_lookalike * n)]
+        combos[chosen] = combos[rng.permutation(n_id)[np.arange(len(chosen)) % n_id]]
     locs = []
     for i, c in enumerate(combos):
-        main = (int(order[(2 * i) % k]), int(order[(2 * i + 1) % k])) if i < n_id else None
+        main = (int(orders[2 * i]), int(orders[2 * i + 1])) if i < n_id else None
         locs.append(Location(int(c // len(GROUND_COLOURS)), int(c % len(GROUND_COLOURS)),
                              float(rng.uniform(0.6, 1.4)), float(rng.uniform(0, np.pi)),
                              float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.8, 1.05)), main))
@@ -374,9 +400,20 @@ def _trap_scenes(cfg: WorldConfig, locs: list[Location], loc_ids: np.ndarray, rn
     )
 
 
-def _long_tail(n: int, n_loc: int, rng: np.random.Generator) -> np.ndarray:
+def _labels(cfg: WorldConfig, sc: Scene, locs: list[Location], rng: np.random.Generator) -> np.ndarray:
+    """Each image's label: its species, except that at a training camera, with probability ``label_noise``, the
+    camera's main species. Camera-trap labels are given per sequence or by annotators who expect the usual animal
+    of a site, so the wrong labels follow the camera (the OOD cameras have no main species, hence no such noise)."""
+    labels = sc.species.copy()
+    mains = np.array([-1 if loc.main is None else loc.main[0] for loc in locs])
+    noisy = (rng.random(len(labels)) < cfg.label_noise) & (mains >= 0)
+    labels[noisy] = mains[noisy]
+    return labels
+
+
+def _long_tail(n: int, n_loc: int, tail: float, rng: np.random.Generator) -> np.ndarray:
     """Camera of each image: camera sizes fall off geometrically (long-tailed, like iWildCam)."""
-    w = 0.7 ** np.arange(n_loc)
+    w = tail ** np.arange(n_loc)
     return rng.choice(n_loc, size=n, p=w / w.sum())
 
 
@@ -399,7 +436,7 @@ def write_iwildcam(cfg: WorldConfig, root: str | os.PathLike) -> Path:
     n_id = cfg.n_train_locations
     ood_val_ids = np.arange(n_id, n_id + cfg.n_ood_val_locations)
     ood_test_ids = np.arange(n_id + cfg.n_ood_val_locations, len(locs))
-    id_pick = _long_tail(cfg.n_train + cfg.n_id_val + cfg.n_id_test, n_id, rng)
+    id_pick = _long_tail(cfg.n_train + cfg.n_id_val + cfg.n_id_test, n_id, cfg.tail, rng)
     plan = {
         "train": id_pick[: cfg.n_train],
         "id_val": id_pick[cfg.n_train : cfg.n_train + cfg.n_id_val],
@@ -413,13 +450,14 @@ def write_iwildcam(cfg: WorldConfig, root: str | os.PathLike) -> Path:
         loc_ids = plan[split]
         sc = _trap_scenes(cfg, locs, loc_ids, rng)
         imgs = render(sc, cfg.species, rng)
+        labels = _labels(cfg, sc, [locs[i] for i in loc_ids], rng)
         for i in range(len(imgs)):
             fname = f"{split}_{i:05d}.png"
             Image.fromarray(imgs[i]).save(tmp / "train" / fname, compress_level=1)
             hour = int(rng.integers(20, 28) % 24) if sc.night[i] else int(rng.integers(7, 18))
             when = base + np.timedelta64(int(rng.integers(0, 700)), "D") + np.timedelta64(hour, "h")
             rows.append({
-                "split": split, "filename": fname, "y": int(sc.species[i]),
+                "split": split, "filename": fname, "y": int(labels[i]), "species": int(sc.species[i]),
                 "location_remapped": int(loc_ids[i]),
                 "datetime": str(when).replace("T", " ") + ".000",
                 "night": bool(sc.night[i]), "small": bool(sc.small[i]),
