@@ -5,7 +5,10 @@ project's main job and tests must run on a fresh 2-core machine. This world is a
 reproduces the *phenomenon* AutoFT is about, not iWildCam itself:
 
 * a "web" captioned set (for pretraining the tiny CLIP) shows every species on fresh random
-  backgrounds, mostly by day, large, sharp and whole: broad, no location shortcut;
+  backgrounds, mostly by day, large, sharp and whole: broad, no location shortcut. Its captions name the
+  species and, for some night shots, the night; by default never the ground (``web_ground_captions``), as
+  web captions rarely describe a habitat: with ground captions the pretrained features carried the
+  background, the shortcut cost fine-tuning more, and FT fell below zero-shot OOD on some seeds;
 * camera-trap data (ID and OOD) is full of nuisances that are rare on the web: night (infrared:
   no colour, the flash lights the animal), small and partial animals, motion blur. Fine-tuning on ID therefore
   teaches something that also helps OOD;
@@ -14,8 +17,11 @@ reproduces the *phenomenon* AutoFT is about, not iWildCam itself:
   cameras host any species; some stand in a habitat like a training camera's (same ground and
   texture), where the learned shortcut votes for the wrong species.
 
-Measured with the defaults (see README): zero-shot is good by day and poor at night; plain
-fine-tuning gains much more ID than OOD; WiSE-FT and a hand-set robust objective beat both OOD.
+Version 3 was calibrated on its baselines only (``benchmarks/world_calibration.py``, calibration seeds 10
+and 11, results and the variants tried in ``benchmarks/results/2026-11-30-embedded/calibration``): zero-shot
+is good by day and poor at night; fine-tuning gains much more ID than OOD (OOD: night learned, day images at
+new cameras lost to the shortcut); WiSE-FT is above FT OOD. No hand-set single-model objective of the
+search space tried there beat FT OOD by the 3 points issue 13 asked for.
 
 The camera-trap part is written to disk exactly as WILDS iWildCam v2.0 is laid out
 (``iwildcam_v2.0/metadata.csv``, ``RELEASE_v2.0.txt``, images under ``train/``), so the real
@@ -100,24 +106,20 @@ class WorldConfig:
     n_train: int = 4000
     n_id_val: int = 600
     n_id_test: int = 1500
-    n_ood_val: int = 1200
-    n_ood_test: int = 2500
-    n_train_locations: int = 5
-    n_ood_val_locations: int = 4
-    n_ood_test_locations: int = 6
+    n_ood_val: int = 2000
+    n_ood_test: int = 4000
+    n_train_locations: int = 10
+    n_ood_val_locations: int = 8
+    n_ood_test_locations: int = 12
     dominant: tuple[float, float] = (0.7, 0.3)  # share of a training camera's two main species
     leak: float = 0.05  # probability that an ID image shows any species instead
-    id_rare: int = 0  # species that dominate no training camera: in ID data they appear only through the leak
-    label_noise: float = 0.0  # chance that an ID image is labelled with its camera's main species, whatever it shows
     ood_lookalike: float = 0.5  # share of OOD cameras in a training camera's habitat
     tail: float = 0.7  # training camera k holds a share proportional to tail**k of the ID images
-    web_rare: int = 0  # species that are rare on the web (zero-shot knows them poorly; ID data teaches them)
-    web_rare_share: float = 0.1  # their frequency on the web, relative to the other species'
-    web_ground_captions: float = 1.0  # share of the day captions with context that name the ground
-    trap: Nuisance = Nuisance(night=0.35, small=0.4, blur=0.3, partial=0.2)
+    web_ground_captions: float = 0.0  # share of the web's day captions with context that name the ground
+    trap: Nuisance = Nuisance(night=0.5, small=0.5, blur=0.4, partial=0.3)
     web: Nuisance = Nuisance(night=0.02, small=0.03, blur=0.03, partial=0.0)
     species: tuple[Species, ...] = DEFAULT_SPECIES
-    version: int = 2  # bump when the renderer changes, so caches are rebuilt
+    version: int = 3  # bump when the renderer changes, so caches are rebuilt
 
     def key(self) -> str:
         """Hash of everything: keys the generated camera-trap dataset."""
@@ -126,16 +128,8 @@ class WorldConfig:
     def web_key(self) -> str:
         """Hash of what the web set depends on: keys the pretrained model, so changing the
         camera-trap splits does not retrain it."""
-        rare = ("web_rare", "web_rare_share") if self.web_rare else ()
-        rare += ("web_ground_captions",) if self.web_ground_captions != 1.0 else ()
-        return config_hash({k: getattr(self, k) for k in ("seed", "web", "species", "version", *rare)})
-
-    def web_species_weights(self) -> np.ndarray:
-        """Each species' probability on the web: ``web_rare`` of them (a seeded choice) ``web_rare_share`` times as
-        frequent as the others."""
-        w = np.ones(len(self.species))
-        w[np.random.default_rng([self.seed, 3]).permutation(len(self.species))[: self.web_rare]] = self.web_rare_share
-        return w / w.sum()
+        return config_hash({k: getattr(self, k) for k in ("seed", "web", "species", "version",
+                                                          "web_ground_captions")})
 
     @classmethod
     def from_dict(cls, given: dict) -> WorldConfig:
@@ -293,8 +287,7 @@ def _nuisances(nz: Nuisance, n: int, rng: np.random.Generator) -> dict[str, np.n
 def web_scenes(cfg: WorldConfig, n: int, rng: np.random.Generator) -> Scene:
     """Web images: any species on a fresh random background, few nuisances."""
     return Scene(
-        species=rng.choice(len(cfg.species), n, p=cfg.web_species_weights()) if cfg.web_rare
-        else rng.integers(0, len(cfg.species), n),
+        species=rng.integers(0, len(cfg.species), n),
         texture=rng.integers(0, len(TEXTURES), n),
         ground=rng.integers(0, len(GROUND_COLOURS), n),
         tex_freq=rng.uniform(0.5, 1.6, n),
@@ -313,7 +306,7 @@ def web_captions(cfg: WorldConfig, sc: Scene, rng: np.random.Generator) -> list[
     out = []
     grounds = list(GROUND_COLOURS)
     detail = rng.random(len(sc.species)) < 0.5
-    ground = rng.random(len(sc.species)) < cfg.web_ground_captions if cfg.web_ground_captions < 1 else detail
+    ground = rng.random(len(sc.species)) < cfg.web_ground_captions
     for i in range(len(sc.species)):
         name = cfg.species[sc.species[i]].name
         ctx = ""
@@ -359,9 +352,8 @@ def _locations(cfg: WorldConfig, rng: np.random.Generator) -> list[Location]:
     n_id, n_val, n_test = cfg.n_train_locations, cfg.n_ood_val_locations, cfg.n_ood_test_locations
     n_all = n_id + n_val + n_test
     k = len(cfg.species)
-    # each round of training cameras pairs up the common species anew, so each of them dominates somewhere
-    common = rng.permutation(k)[cfg.id_rare:]
-    orders = np.concatenate([rng.permutation(common) for _ in range(-(-2 * n_id // len(common)))])
+    # each round of k // 2 training cameras pairs up the species anew, so every species dominates somewhere
+    orders = np.concatenate([rng.permutation(k) for _ in range(-(-2 * n_id // k))])
     if n_all > len(TEXTURES) * len(GROUND_COLOURS):
         raise UserError(f"{n_all} cameras but only {len(TEXTURES) * len(GROUND_COLOURS)} distinct habitats")
     combos = rng.permutation(len(TEXTURES) * len(GROUND_COLOURS))[:n_all]
@@ -398,17 +390,6 @@ def _trap_scenes(cfg: WorldConfig, locs: list[Location], loc_ids: np.ndarray, rn
         light=np.array([l_.light for l_ in loc]) * rng.uniform(0.9, 1.1, n),
         **_nuisances(cfg.trap, n, rng),
     )
-
-
-def _labels(cfg: WorldConfig, sc: Scene, locs: list[Location], rng: np.random.Generator) -> np.ndarray:
-    """Each image's label: its species, except that at a training camera, with probability ``label_noise``, the
-    camera's main species. Camera-trap labels are given per sequence or by annotators who expect the usual animal
-    of a site, so the wrong labels follow the camera (the OOD cameras have no main species, hence no such noise)."""
-    labels = sc.species.copy()
-    mains = np.array([-1 if loc.main is None else loc.main[0] for loc in locs])
-    noisy = (rng.random(len(labels)) < cfg.label_noise) & (mains >= 0)
-    labels[noisy] = mains[noisy]
-    return labels
 
 
 def _long_tail(n: int, n_loc: int, tail: float, rng: np.random.Generator) -> np.ndarray:
@@ -450,14 +431,13 @@ def write_iwildcam(cfg: WorldConfig, root: str | os.PathLike) -> Path:
         loc_ids = plan[split]
         sc = _trap_scenes(cfg, locs, loc_ids, rng)
         imgs = render(sc, cfg.species, rng)
-        labels = _labels(cfg, sc, [locs[i] for i in loc_ids], rng)
         for i in range(len(imgs)):
             fname = f"{split}_{i:05d}.png"
             Image.fromarray(imgs[i]).save(tmp / "train" / fname, compress_level=1)
             hour = int(rng.integers(20, 28) % 24) if sc.night[i] else int(rng.integers(7, 18))
             when = base + np.timedelta64(int(rng.integers(0, 700)), "D") + np.timedelta64(hour, "h")
             rows.append({
-                "split": split, "filename": fname, "y": int(labels[i]), "species": int(sc.species[i]),
+                "split": split, "filename": fname, "y": int(sc.species[i]),
                 "location_remapped": int(loc_ids[i]),
                 "datetime": str(when).replace("T", " ") + ".000",
                 "night": bool(sc.night[i]), "small": bool(sc.small[i]),
