@@ -31,20 +31,9 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from autoft import UserError
-from autoft.data import (
-    CachedImages,
-    CachedLoaders,
-    CacheFile,
-    MissingData,
-    WildsDataModule,
-    eval_prep,
-    file_stat,
-    k_shot,
-    rows_hash,
-    stratified_split,
-    subsample,
-    wilds_checks,
-)
+from autoft.data import MissingData, WildsDataModule, k_shot, stratified_split, subsample, wilds_checks
+from autoft.imagecache import CachedImages, CachedLoaders, CacheFile, file_stat, rows_hash
+from autoft.tensorprep import eval_prep
 
 PCAM_CLASSNAMES = ("lymph node", "lymph node containing metastatic tumor tissue")  # CLIP's, as AutoFT used
 

@@ -28,8 +28,9 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
-from autoft.data import WildsDataModule, file_stat
+from autoft.data import WildsDataModule
 from autoft.datasets import check_root, make_data, templates
+from autoft.imagecache import file_stat
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import CompositeObjective
 from autoft.world import config_hash
