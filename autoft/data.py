@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from wilds.datasets.wilds_dataset import WILDSSubset
 
 from autoft import UserError
 from autoft.imagecache import CachedImages, CachedLoaders, CacheFile, file_stat, rows_hash
+from autoft.imagecheck import bad_items, check_policy, decode, file_items
 from autoft.tensorprep import eval_prep
 
 log = logging.getLogger(__name__)
@@ -201,8 +203,18 @@ def _split_rows(name: str, splits: dict[str, np.ndarray], path: Path, images: Ca
     return f"{len(rows)} examples"
 
 
-def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str, Callable[[], str]]:
-    """What wilds' iWildCam v2.0 reader relies on, each a check that returns a summary or raises one clear line."""
+@dataclass
+class FolderChecks:
+    """What wilds' reader of one dataset folder relies on: ``checks``, in order, each returning a summary
+    or raising one clear line (later ones use what earlier ones read), and ``images(split)``, the image
+    files a split's rows reference (once the metadata check has run)."""
+
+    checks: dict[str, Callable[[], str]]
+    images: Callable[[str], list[Path]]
+
+
+def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> FolderChecks:
+    """What wilds' iWildCam v2.0 reader relies on."""
     path = folder / "metadata.csv"
     cache: dict[str, Any] = {}  # what metadata() read, for the split checks
     names = list(class_names or [])
@@ -240,10 +252,10 @@ def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str
     checks["metadata.csv"] = metadata
     for split in WILDS_SPLITS:
         checks[f"split {split}"] = lambda s=split: _split_rows("iwildcam", cache["splits"], path, images, s)
-    return checks
+    return FolderChecks(checks, lambda split: images(cache["splits"][split]))
 
 
-def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
+def fmow_checks(folder: Path) -> FolderChecks:
     """What wilds' FMoW v1.1 reader relies on (default split scheme: OOD years from 2013, test from 2016)."""
     from wilds.datasets.fmow_dataset import categories
 
@@ -293,7 +305,7 @@ def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
     }
     for split in WILDS_SPLITS:
         checks[f"split {split}"] = lambda s=split: _split_rows("fmow", cache["splits"], path, images, s)
-    return checks
+    return FolderChecks(checks, lambda split: images(cache["splits"][split]))
 
 
 def present(path: Path) -> str:
@@ -303,27 +315,81 @@ def present(path: Path) -> str:
     return "present"
 
 
-def wilds_checks(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> dict[str, Callable[[], str]]:
-    """Every check of one WILDS dataset folder, in order (later checks use what earlier ones read)."""
+def wilds_checks(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> FolderChecks:
+    """Every check of one WILDS dataset folder (one clear error if the folder is not there)."""
     folder = wilds_folder(name, root)
     return fmow_checks(folder) if name == "fmow" else iwildcam_checks(folder, class_names)
+
+
+@dataclass
+class WildsSource:
+    """A WILDS dataset read and checked (files, metadata, class names) before any model exists."""
+
+    name: str
+    folder: Path
+    dataset: Any                # wilds' dataset object
+    class_names: list[str]
+
+
+def open_wilds(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> WildsSource:
+    """Check a WILDS folder (:func:`wilds_checks`), then read it with ``wilds.get_dataset(download=False)``."""
+    folder = wilds_folder(name, root)
+    for check in wilds_checks(name, root, class_names).checks.values():
+        check()
+    import wilds
+
+    try:
+        dataset = wilds.get_dataset(name, root_dir=str(root), download=False)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, AssertionError) as e:
+        raise UserError(f"{name}: cannot read {folder}: {type(e).__name__}: {e}") from None
+    if class_names:
+        names = list(class_names)
+    else:
+        names = fmow_class_names() if name == "fmow" else class_names_from(folder)
+    if len(names) < dataset.n_classes:
+        raise UserError(f"{name}: {len(names)} class names for {dataset.n_classes} classes")
+    return WildsSource(name, folder, dataset, names)
+
+
+def wilds_image_path(dataset, row: int) -> Path:
+    """The file wilds reads for row ``row`` of its dataset object (FMoW's rows skip the CSV's seq rows)."""
+    if dataset.dataset_name == "fmow":
+        return Path(dataset.root) / "images" / f"rgb_img_{dataset.full_idxs[row]}.png"
+    return Path(dataset.data_dir) / "train" / dataset._input_array[row]
+
+
+def wilds_image(dataset, row: int, what: str):
+    """wilds' image of ``row``, decoded in full: a bad file is a BadImage naming it and ``what``."""
+    return decode(lambda: dataset.get_input(row), lambda: str(wilds_image_path(dataset, row)), what)
+
+
+class _WildsSubset(WILDSSubset):
+    """A WILDS subset (image, label, metadata) whose images are decoded in full where they are read
+    (:func:`wilds_image`: iWildCam's ``get_input`` leaves that to the transform, where a truncated file
+    failed without its name)."""
+
+    def __init__(self, dataset, indices: np.ndarray, transform: Callable | None, what: str):
+        super().__init__(dataset, indices, transform)
+        self.what = what
+
+    def __getitem__(self, idx: int):
+        row = int(self.indices[idx])
+        x = wilds_image(self.dataset, row, self.what)
+        return (x if self.transform is None else self.transform(x)), self.dataset.y_array[row], \
+            self.dataset.metadata_array[row]
 
 
 class _WildsInputs(Dataset):
     """The PIL images of some rows of a WILDS dataset (what the cache decodes)."""
 
-    def __init__(self, dataset, indices: np.ndarray):
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset, indices: np.ndarray, what: str):
+        self.dataset, self.indices, self.what = dataset, indices, what
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        row = int(self.indices[i])
-        try:
-            return self.dataset.get_input(row)
-        except OSError as e:  # PIL's "cannot identify image file '<path>'" and unreadable files
-            raise UserError(f"unreadable image (row {row} of {self.dataset.dataset_name}): {e}") from None
+        return wilds_image(self.dataset, int(self.indices[i]), self.what)
 
 
 class WildsDataModule(CachedLoaders, pl.LightningDataModule):
@@ -332,63 +398,86 @@ class WildsDataModule(CachedLoaders, pl.LightningDataModule):
     ``shots``: train on a seeded k-shot subset (k examples per class) instead of the whole train split.
     ``cache``: read images from the preprocessing cache (whole WILDS splits, so any subset reuses
     them), labels and metadata from the wilds subsets as before; ``dataset.eval`` is unchanged.
+    ``on_bad_image``: ``error`` or ``skip`` (see :mod:`autoft.imagecheck`); skipped examples are
+    counted in ``skipped`` per loader. ``source``: the dataset already opened (:func:`open_wilds`).
     """
 
     def __init__(self, name: str, root: str | Path, train_transform: Callable, eval_transform: Callable,
                  batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0,
                  ood_val_size: int | None = None, ood_val_balanced: bool = False, subset_seed: int = 0,
-                 class_names: Sequence[str] | None = None, shots: int | None = None, cache: bool = False):
+                 class_names: Sequence[str] | None = None, shots: int | None = None, cache: bool = False,
+                 on_bad_image: str = "error", source: WildsSource | None = None):
         super().__init__()
-        self.folder = wilds_folder(name, root)
-        for check in wilds_checks(name, root, class_names).values():
-            check()
-        import wilds
-
-        try:
-            self.dataset = wilds.get_dataset(name, root_dir=str(root), download=False)
-        except (FileNotFoundError, KeyError, ValueError, TypeError, AssertionError) as e:
-            raise UserError(f"{name}: cannot read {self.folder}: {type(e).__name__}: {e}") from None
-        if class_names:
-            self.class_names = list(class_names)
-        else:
-            self.class_names = fmow_class_names() if name == "fmow" else class_names_from(self.folder)
-        if len(self.class_names) < self.dataset.n_classes:
-            raise UserError(f"{name}: {len(self.class_names)} class names for {self.dataset.n_classes} classes")
+        source = source or open_wilds(name, root, class_names)
+        self.name, self.folder, self.dataset, self.class_names = name, source.folder, source.dataset, source.class_names
+        self.on_bad_image = check_policy(on_bad_image)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        train = self.dataset.get_subset("train", transform=train_transform)
-        if shots:
-            train = WILDSSubset(self.dataset, train.indices[k_shot(train.y_array.numpy(), shots, subset_seed)],
-                                train_transform)
-        self.subsets = {"train": train}
+        train = self.dataset.get_subset("train")
+        indices = train.indices[k_shot(train.y_array.numpy(), shots, subset_seed)] if shots else train.indices
+        self.subsets = {"train": _WildsSubset(self.dataset, indices, train_transform, self._what("train"))}
         for key, split in EVAL_SPLITS.items():
-            subset = self.dataset.get_subset(split, transform=eval_transform)
+            indices = self.dataset.get_subset(split).indices
             if key == "val_ood":
-                keep = subsample(subset.y_array.numpy(), ood_val_size, ood_val_balanced, subset_seed)
-                subset = WILDSSubset(self.dataset, subset.indices[keep], eval_transform)
-            self.subsets[key] = subset
+                labels = self.dataset.y_array[indices].numpy()
+                indices = indices[subsample(labels, ood_val_size, ood_val_balanced, subset_seed)]
+            self.subsets[key] = _WildsSubset(self.dataset, indices, eval_transform, self._what(split))
         self.prep = eval_prep(eval_transform) if cache else None
         if cache and self.prep is None:
             log.warning("dataset.cache: eval transform %s has no cacheable form; reading image files", eval_transform)
-        self._setup_cache(self._cache_splits(name) if self.prep is not None else {}, train_transform)
+        # each WILDS split's rows: what the cache decodes (less the bad ones under skip)
+        self.rows = {s: np.flatnonzero(self.dataset.split_array == self.dataset.split_dict[s]) for s in WILDS_SPLITS}
+        self.skipped: dict[str, int] = {}
+        if self.on_bad_image == "skip":
+            self._drop_bad_images()
+        self._setup_cache(self._cache_splits() if self.prep is not None else {}, train_transform)
 
-    def _cache_splits(self, name: str) -> dict[str, CachedImages]:
+    @staticmethod
+    def _split_of(key: str) -> str:
+        return "train" if key == "train" else EVAL_SPLITS[key]
+
+    def _what(self, split: str) -> str:
+        return f"{self.name} split '{split}'"
+
+    def _signature(self, split: str, rows: np.ndarray) -> dict[str, Any]:
+        """What identifies some rows of a split's images: folder, split, rows, metadata files' size and mtime."""
+        return {"dataset": self.name, "folder": str(self.folder.resolve()), "split": split, "rows": rows_hash(rows),
+                "metadata": {p.name: file_stat(p) for p in sorted(self.folder.glob("*.csv"))}}
+
+    def _drop_bad_images(self) -> None:
+        """``on_bad_image=skip``: the rows each loader reads (with the cache, its whole split, which the cache
+        decodes) checked once (:func:`~autoft.imagecheck.bad_items`), and the bad ones dropped."""
+        for key, subset in self.subsets.items():
+            split = self._split_of(key)
+            rows = self.rows[split] if self.prep is not None else np.asarray(subset.indices)
+            paths = [wilds_image_path(self.dataset, int(r)) for r in rows]
+            bad = rows[sorted(bad_items(f"{self.name}-{split}", self._signature(split, rows), file_items(paths),
+                                        self._what(split)))]
+            if self.prep is not None:
+                self.rows[split] = np.setdiff1d(rows, bad)
+            keep = ~np.isin(subset.indices, bad)
+            if not keep.any():
+                raise UserError(f"{self._what(split)}: every image is bad (dataset.on_bad_image=skip left none)")
+            self.skipped[key] = int((~keep).sum())
+            self.subsets[key] = _WildsSubset(self.dataset, np.asarray(subset.indices)[keep], subset.transform,
+                                             subset.what)
+
+    def _cache_splits(self) -> dict[str, CachedImages]:
         """Each loader's rows in the cache of its whole WILDS split (written when first read)."""
-        stats = {p.name: file_stat(p) for p in sorted(self.folder.glob("*.csv"))}
         out = {}
         for key, subset in self.subsets.items():
-            split = "train" if key == "train" else EVAL_SPLITS[key]
-            full = np.flatnonzero(self.dataset.split_array == self.dataset.split_dict[split])
-            signature = {"dataset": name, "folder": str(self.folder.resolve()), "split": split,
-                         "rows": rows_hash(full), "metadata": stats}
-            file = CacheFile(f"{name}-{split}", signature, _WildsInputs(self.dataset, full), self.prep,
-                             self.num_workers)
-            rows = np.searchsorted(full, np.asarray(subset.indices))
-            out[key] = CachedImages(file, rows, subset.y_array, subset.metadata_array)
+            split = self._split_of(key)
+            full = self.rows[split]
+            file = CacheFile(f"{self.name}-{split}", self._signature(split, full),
+                             _WildsInputs(self.dataset, full, self._what(split)), self.prep, self.num_workers)
+            indices = np.asarray(subset.indices)
+            rows = np.searchsorted(full, indices)
+            out[key] = CachedImages(file, rows, self.dataset.y_array[indices], self.dataset.metadata_array[indices])
         return out
 
     def _eval_dataset(self, key: str) -> Dataset:
-        return WILDSSubset(self.dataset, self.subsets[key].indices, self.eval_transform)
+        subset = self.subsets[key]
+        return _WildsSubset(self.dataset, subset.indices, self.eval_transform, subset.what)
 
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor,
                  metadata: torch.Tensor) -> dict[str, float]:

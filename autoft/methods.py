@@ -40,8 +40,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
+from autoft.datasets import open_data
 from autoft.final import final_train, load_best_params
-from autoft.finetune import CONF_DIR, weights_signature
+from autoft.finetune import CONF_DIR, dataset_root, weights_signature
 from autoft.model import CLIPClassifier
 from autoft.world import cache_dir, config_hash
 
@@ -175,6 +176,7 @@ def run(cfg: DictConfig, job_overrides: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     searched: dict[str, Any] | None = None
     if cfg.method.search:
+        open_data(cfg.dataset, dataset_root(cfg))  # bad data: one line here, before the search loads weights
         searched = load_best_params(str(launch_search(out / "search", search_overrides(cfg, job_overrides))))
         params = {k: v for k, v in searched.items() if k != "seed"}  # the final run's seed is the benchmark seed
     probe: dict[str, Any] = {}

@@ -204,7 +204,7 @@ def write_caltech101(root: Path, rng) -> dict:
     for c in ("BACKGROUND_Google", "Faces_easy", "airplanes", "yin_yang"):
         for i in range(1, 11):
             _save(base / c / f"image_{i:04d}.jpg", _pixels(rng, 1)[0])
-    return {"names": ["faces easy", "airplanes", "yin yang"]}
+    return {"names": ["centered face", "airplane", "yin and yang symbol"]}  # CLIP's names for these folders
 
 
 def write_stanford_cars(root: Path, rng) -> dict:
@@ -611,7 +611,7 @@ def test_data_root_from_the_environment(tmp_path, monkeypatch):
 
 def test_data_checker_lists_each_split_and_exits_by_what_it_found(tmp_path, capsys):
     _write(tmp_path, "cifar10")
-    args = ["check", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.corruptions=[fog,snow]"]
+    args = ["check", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", *SIZES["cifar10"]]
     assert datacheck(args) == 0
     out = capsys.readouterr().out
     for split in ("train", "val_id", "val_ood", "test_id", "test_cifar10_1", "test_cifar10_2"):
