@@ -72,7 +72,6 @@ class Examples(Dataset):
         return self.transform(split_image(self.split, i, self.what)), int(self.split.labels[i]), torch.tensor([meta])
 
 
-
 class _SplitImages(Dataset):
     """A split's PIL images after its ``prep`` (what the cache decodes)."""
 

@@ -44,7 +44,6 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.
 _CHUNK = 32  # items per thread task: few enough futures for 200k items, small enough for a smooth bar
 
 
-
 class BadImage(UserError):
     """An image that cannot be read in full, named with its file and split.
 
@@ -225,7 +224,6 @@ def bad_items(name: str, signature: dict[str, Any], items: Items, what: str,
     for i, problem in sorted(bad.items()):
         log.warning("skipping bad image %s (%s): %s", items.name(i), what, problem)
     return bad
-
 
 
 def skip_counts(skipped: dict[str, int]) -> dict[str, int]:
