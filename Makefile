@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The stamp's name hashes the dependency files and the list of package files: adding a module
 # must reinstall (the strict editable install links each file; Hydra's plugin scan does not see
 # setuptools' default editable finder), editing one need not.
-STAMP := $(VENV)/.installed-$(shell { cat setup.cfg pyproject.toml; ls autoft/*.py autoft/model_configs/*.json \
+STAMP := $(VENV)/.installed-$(shell { cat setup.cfg pyproject.toml; ls autoft/*.py autoft/model_configs/*.json autoft/data_files/*.json \
 	hydra_plugins/autoft_optuna_sweeper/*.py; } | md5sum | cut -c1-12)
 
 .PHONY: install run table test lint clean-cache

@@ -20,13 +20,9 @@ Two known wilds 2.0.0 traps are fixed here, once, at import:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
-import math
-import os
-import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +30,14 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from wilds.common.data_loaders import get_eval_loader, get_train_loader
 from wilds.datasets.wilds_dataset import WILDSSubset
 
 from autoft import UserError
+from autoft.imagecache import CachedImages, CachedLoaders, CacheFile, file_stat, rows_hash
+from autoft.imagecheck import bad_items, check_policy, decode, file_items
+from autoft.tensorprep import eval_prep
 
 log = logging.getLogger(__name__)
 # loader name -> WILDS split. "val_ood" is the (small) OOD validation set the search scores on.
@@ -205,8 +203,18 @@ def _split_rows(name: str, splits: dict[str, np.ndarray], path: Path, images: Ca
     return f"{len(rows)} examples"
 
 
-def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str, Callable[[], str]]:
-    """What wilds' iWildCam v2.0 reader relies on, each a check that returns a summary or raises one clear line."""
+@dataclass
+class FolderChecks:
+    """What wilds' reader of one dataset folder relies on: ``checks``, in order, each returning a summary
+    or raising one clear line (later ones use what earlier ones read), and ``images(split)``, the image
+    files a split's rows reference (once the metadata check has run)."""
+
+    checks: dict[str, Callable[[], str]]
+    images: Callable[[str], list[Path]]
+
+
+def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> FolderChecks:
+    """What wilds' iWildCam v2.0 reader relies on."""
     path = folder / "metadata.csv"
     cache: dict[str, Any] = {}  # what metadata() read, for the split checks
     names = list(class_names or [])
@@ -244,10 +252,10 @@ def iwildcam_checks(folder: Path, class_names: Sequence[str] | None) -> dict[str
     checks["metadata.csv"] = metadata
     for split in WILDS_SPLITS:
         checks[f"split {split}"] = lambda s=split: _split_rows("iwildcam", cache["splits"], path, images, s)
-    return checks
+    return FolderChecks(checks, lambda split: images(cache["splits"][split]))
 
 
-def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
+def fmow_checks(folder: Path) -> FolderChecks:
     """What wilds' FMoW v1.1 reader relies on (default split scheme: OOD years from 2013, test from 2016)."""
     from wilds.datasets.fmow_dataset import categories
 
@@ -297,7 +305,7 @@ def fmow_checks(folder: Path) -> dict[str, Callable[[], str]]:
     }
     for split in WILDS_SPLITS:
         checks[f"split {split}"] = lambda s=split: _split_rows("fmow", cache["splits"], path, images, s)
-    return checks
+    return FolderChecks(checks, lambda split: images(cache["splits"][split]))
 
 
 def present(path: Path) -> str:
@@ -307,384 +315,81 @@ def present(path: Path) -> str:
     return "present"
 
 
-def wilds_checks(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> dict[str, Callable[[], str]]:
-    """Every check of one WILDS dataset folder, in order (later checks use what earlier ones read)."""
+def wilds_checks(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> FolderChecks:
+    """Every check of one WILDS dataset folder (one clear error if the folder is not there)."""
     folder = wilds_folder(name, root)
     return fmow_checks(folder) if name == "fmow" else iwildcam_checks(folder, class_names)
 
 
-# ------------------------------------------------------------------------------ preprocessing cache
-#
-# Decoding and resizing an image is the slow part of a data path (a 1920x1080 JPEG: about 24 images/s
-# per CPU core), and a search reads the same images in every trial. The cache runs the deterministic
-# part of the model's eval transform (decode, resize, center crop) once per image and keeps the result
-# as uint8 [N, H, W, 3] in a memory-mapped .npy under $AUTOFT_CACHE/images/, keyed by the dataset's
-# identity (folder, split, rows, metadata file size and mtime) and by that transform part. Loaders
-# then read whole batches with one fancy index, and the rest of the transform runs on the batch on
-# the training device (:func:`model_input`): to float, normalise, and for training the same kind of
-# augmentation as the model's train transform (random resized crop, flip).
-
-
-_DETERMINISTIC_OPS = {"Resize", "CenterCrop", "MaybeConvertMode", "ResizeKeepRatio", "CenterCropOrPad",
-                      "_convert_to_rgb", "ResizeMaxSize"}
-_TO_TENSOR_OPS = {"ToTensor", "MaybeToTensor"}
-_CONVERT_OPS = {"MaybeConvertMode", "_convert_to_rgb"}
-
-
-def _op_name(op) -> str:
-    return getattr(op, "__name__", type(op).__name__)
-
-
-@dataclass(frozen=True)
-class TensorPrep:
-    """A torchvision ``Compose`` split in two: ``pil`` (deterministic: decode, resize, crop; cached once)
-    and what runs per batch on uint8 tensors: an optional random resized crop and flip, then normalise."""
-
-    pil: Callable
-    key: str                                  # repr of the cached part: part of the cache key
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop: tuple | None = None                 # RandomResizedCrop: (size, scale, ratio, grid_sample mode)
-    flip: float = 0.0                         # RandomHorizontalFlip's probability
-
-
-def _normalize_of(ops: Sequence) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """mean, std of the ops after ToTensor, which must be nothing or one Normalize."""
-    if not ops:
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    if len(ops) != 1 or _op_name(ops[0]) != "Normalize":
-        return None
-    mean, std = ops[0].mean, ops[0].std
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def eval_prep(transform: Callable) -> TensorPrep | None:
-    """The cacheable form of an eval transform (deterministic PIL ops, ToTensor, Normalize), else None."""
-    from torchvision import transforms as T
-
-    ops = list(getattr(transform, "transforms", []))
-    names = [_op_name(o) for o in ops]
-    cut = next((i for i, n in enumerate(names) if n in _TO_TENSOR_OPS), None)
-    if cut is None or not set(names[:cut]) <= _DETERMINISTIC_OPS:
-        return None
-    norm = _normalize_of(ops[cut + 1:])
-    if norm is None:
-        return None
-    return TensorPrep(T.Compose(ops[:cut]), repr(T.Compose(ops[:cut])), *norm)
-
-
-def train_prep(transform: Callable, cached: TensorPrep, size: tuple[int, int]) -> TensorPrep | None:
-    """The train transform as tensor ops on the cached images of ``size`` (H, W), else None.
-
-    Supported: the eval transform's own PIL part (no augmentation), or RandomResizedCrop to the cached
-    size and/or RandomHorizontalFlip, with colour conversion, ToTensor and Normalize.
-    """
-    ops = list(getattr(transform, "transforms", []))
-    names = [_op_name(o) for o in ops]
-    cut = next((i for i, n in enumerate(names) if n in _TO_TENSOR_OPS), None)
-    if cut is None:
-        return None
-    norm = _normalize_of(ops[cut + 1:])
-    if norm is None:
-        return None
-    from torchvision import transforms as T
-
-    if repr(T.Compose(ops[:cut])) == cached.key:  # trains on the eval transform: no augmentation
-        return replace(cached, mean=norm[0], std=norm[1])
-    crop, flip = None, 0.0
-    for op, name in zip(ops[:cut], names[:cut], strict=True):
-        if name == "RandomResizedCrop" and crop is None:
-            if tuple(op.size) != tuple(size):
-                return None
-            mode = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}.get(op.interpolation.value)
-            if mode is None:
-                return None
-            crop = (tuple(op.size), tuple(op.scale), tuple(op.ratio), mode)
-        elif name == "RandomHorizontalFlip":
-            flip = float(op.p)
-        elif name not in _CONVERT_OPS:
-            return None
-    return replace(cached, mean=norm[0], std=norm[1], crop=crop, flip=flip)
-
-
-def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float],
-                        ratio: tuple[float, float], mode: str = "bilinear", flip: float = 0.0) -> torch.Tensor:
-    """torchvision's RandomResizedCrop (and horizontal flip) for a float batch [B, C, H, W], one crop per
-    image, in one ``grid_sample`` on the batch's device with the global RNG (seeded by the trial's seed).
-
-    The same distribution of crop boxes (area in ``scale``, log-uniform aspect ratio in ``ratio``, 10
-    tries, then the whole image), but boxes are not rounded to whole pixels and the crop is read from
-    the cached (resized, center-cropped) image rather than the original file, by ``grid_sample``
-    instead of PIL's resampling: the same kind of augmentation, not bit-identical to PIL's.
-    """
-    b, _, h, w = x.shape
-    dev = x.device
-    area = torch.empty(b, 10, device=dev).uniform_(*scale) * (h * w)
-    aspect = torch.exp(torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])))
-    cw, ch = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
-    ok = (cw <= w) & (ch <= h)
-    first = ok.int().argmax(dim=1, keepdim=True)
-    found = ok.any(dim=1)
-    fw, fh = (float(w), float(h))
-    if w / h < min(ratio):  # torchvision's fallback: the whole image, clipped to the ratio range
-        fh = w / min(ratio)
-    elif w / h > max(ratio):
-        fw = h * max(ratio)
-    cw = torch.where(found, cw.gather(1, first).squeeze(1), fw)
-    ch = torch.where(found, ch.gather(1, first).squeeze(1), fh)
-    pos = torch.rand(b, 2, device=dev)
-    top = torch.where(found, pos[:, 0] * (h - ch), (h - ch) / 2)
-    left = torch.where(found, pos[:, 1] * (w - cw), (w - cw) / 2)
-    sx, sy = cw / w, ch / h
-    if flip > 0:
-        sx = torch.where(torch.rand(b, device=dev) < flip, -sx, sx)
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 1, 1] = sx, sy
-    theta[:, 0, 2], theta[:, 1, 2] = (2 * left + cw) / w - 1, (2 * top + ch) / h - 1
-    grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
-
-
-_NORM_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def model_input(images: torch.Tensor, prep: TensorPrep, train: bool = False) -> torch.Tensor:
-    """Cached uint8 images [B, H, W, 3] (on any device) -> the model's float input [B, 3, H', W'] in
-    channels_last memory: the same values as ToTensor + Normalize of the PIL path, plus the train
-    transform's random crop and flip when ``train``."""
-    x = images.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
-    if train and (prep.crop is not None or prep.flip > 0):
-        size, scale, ratio, mode = prep.crop or (tuple(x.shape[2:]), (1.0, 1.0), (1.0, 1.0), "nearest")
-        x = random_resized_crop(x, size, scale, ratio, mode, prep.flip).clamp_(0, 255)
-        x = x.contiguous(memory_format=torch.channels_last)
-    key = (prep.mean, prep.std, x.device)
-    if key not in _NORM_CONSTANTS:
-        _NORM_CONSTANTS[key] = (torch.tensor(prep.mean, device=x.device).view(1, -1, 1, 1),
-                                torch.tensor(prep.std, device=x.device).view(1, -1, 1, 1))
-    mean, std = _NORM_CONSTANTS[key]
-    return x.div_(255).sub_(mean).div_(std)  # ToTensor's /255, then Normalize's (x - mean) / std
-
-
-class _Prepped(Dataset):
-    """``prep(load(i))`` as uint8 [H, W, 3]: what the cache stores (built in DataLoader workers)."""
-
-    def __init__(self, images: Dataset, pil: Callable):
-        self.images, self.pil = images, pil
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self.pil(self.images[i]).convert("RGB"), dtype=np.uint8)
-
-
-def _stack(items: list[np.ndarray]) -> list[np.ndarray]:
-    return items
-
-
-def image_cache_path(name: str, signature: dict[str, Any], prep: TensorPrep) -> Path:
-    from autoft.world import cache_dir, config_hash
-
-    return cache_dir() / "images" / f"{name}-{config_hash({'images': signature, 'prep': prep.key})}.npy"
-
-
-@dataclass(eq=False)
-class CacheFile:
-    """A cache file not necessarily written yet: :func:`image_cache`'s arguments, run on first use, so a
-    run caches only the splits it reads (a search never reads the test splits)."""
+@dataclass
+class WildsSource:
+    """A WILDS dataset read and checked (files, metadata, class names) before any model exists."""
 
     name: str
-    signature: dict[str, Any]
-    images: Dataset
-    prep: TensorPrep
-    num_workers: int = 0
-
-    @property
-    def path(self) -> Path:
-        return image_cache_path(self.name, self.signature, self.prep)
-
-    def write(self) -> Path:
-        return image_cache(self.name, self.signature, self.images, self.prep, self.num_workers)
-
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of the cached images, without writing the file."""
-        if self.path.is_file():
-            return tuple(np.load(self.path, mmap_mode="r").shape[1:3])
-        return tuple(np.asarray(self.prep.pil(self.images[0])).shape[:2])
+    folder: Path
+    dataset: Any                # wilds' dataset object
+    class_names: list[str]
 
 
-def image_cache(name: str, signature: dict[str, Any], images: Dataset, prep: TensorPrep,
-                num_workers: int = 0) -> Path:
-    """The cache file of ``images`` (PIL images) after ``prep.pil``, written once (atomically) and reused.
+def open_wilds(name: str, root: str | Path, class_names: Sequence[str] | None = None) -> WildsSource:
+    """Check a WILDS folder (:func:`wilds_checks`), then read it with ``wilds.get_dataset(download=False)``."""
+    folder = wilds_folder(name, root)
+    for check in wilds_checks(name, root, class_names).checks.values():
+        check()
+    import wilds
 
-    ``signature`` identifies the images (dataset folder, split, rows, metadata stat); the file name is
-    ``<name>-<hash of signature and prep>.npy``, a uint8 array [N, H, W, 3].
-    """
-    path = image_cache_path(name, signature, prep)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    source = _Prepped(images, prep.pil)
-    first = source[0]
-    log.info("caching %d %s images as uint8 %s into %s", len(source), name, list(first.shape), path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source), *first.shape))
-        loader = DataLoader(source, batch_size=64, num_workers=num_workers, collate_fn=_stack)
-        start = 0
-        for batch in loader:
-            for offset, image in enumerate(batch):
-                if image.shape != first.shape:
-                    raise UserError(f"{name}: image {start + offset} is {list(image.shape)} after "
-                                    f"{prep.key}, not {list(first.shape)}: images of one size are needed to "
-                                    f"cache them (set dataset.cache=false)")
-                out[start + offset] = image
-            start += len(batch)
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        dataset = wilds.get_dataset(name, root_dir=str(root), download=False)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, AssertionError) as e:
+        raise UserError(f"{name}: cannot read {folder}: {type(e).__name__}: {e}") from None
+    if class_names:
+        names = list(class_names)
+    else:
+        names = fmow_class_names() if name == "fmow" else class_names_from(folder)
+    if len(names) < dataset.n_classes:
+        raise UserError(f"{name}: {len(names)} class names for {dataset.n_classes} classes")
+    return WildsSource(name, folder, dataset, names)
 
 
-def file_stat(path: Path) -> list[int]:
-    """Size and mtime of a file, for cache keys (0, 0 when missing)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return [0, 0]
-    return [st.st_size, st.st_mtime_ns]
+def wilds_image_path(dataset, row: int) -> Path:
+    """The file wilds reads for row ``row`` of its dataset object (FMoW's rows skip the CSV's seq rows)."""
+    if dataset.dataset_name == "fmow":
+        return Path(dataset.root) / "images" / f"rgb_img_{dataset.full_idxs[row]}.png"
+    return Path(dataset.data_dir) / "train" / dataset._input_array[row]
 
 
-def rows_hash(rows: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+def wilds_image(dataset, row: int, what: str):
+    """wilds' image of ``row``, decoded in full: a bad file is a BadImage naming it and ``what``."""
+    return decode(lambda: dataset.get_input(row), lambda: str(wilds_image_path(dataset, row)), what)
 
 
-class CachedImages(Dataset):
-    """One split from the cache: ``(uint8 [H, W, 3], label, metadata)``; a batch of indices is read with
-    one fancy index (``__getitems__``). ``file``: a written cache file, or a :class:`CacheFile` written
-    on first use. The array is opened lazily, once per process (workers too)."""
+class _WildsSubset(WILDSSubset):
+    """A WILDS subset (image, label, metadata) whose images are decoded in full where they are read
+    (:func:`wilds_image`: iWildCam's ``get_input`` leaves that to the transform, where a truncated file
+    failed without its name)."""
 
-    def __init__(self, file: Path | CacheFile, rows: np.ndarray, y: torch.Tensor, metadata: torch.Tensor):
-        self.file = file
-        self.path = file.path if isinstance(file, CacheFile) else Path(file)
-        self.rows, self.y, self.metadata = np.asarray(rows, dtype=np.int64), y, metadata
-        self._array: np.ndarray | None = None
+    def __init__(self, dataset, indices: np.ndarray, transform: Callable | None, what: str):
+        super().__init__(dataset, indices, transform)
+        self.what = what
 
-    def __getstate__(self):  # workers open the written file themselves, never receive its bytes
-        return self.__dict__ | {"_array": None, "file": self.path}
-
-    def ensure(self) -> CachedImages:
-        """Write the cache file if it is not there yet."""
-        if isinstance(self.file, CacheFile) and not self.path.is_file():
-            self.file.write()
-        return self
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.ensure().path, mmap_mode="r")
-        return self._array
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        if self._array is None and isinstance(self.file, CacheFile):
-            return self.file.image_size()
-        return tuple(self.array.shape[1:3])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        return torch.from_numpy(np.array(self.array[self.rows[i]])), self.y[i], self.metadata[i]
-
-    def __getitems__(self, indices: list[int]):
-        idx = np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(self.array[self.rows[idx]]), self.y[idx], self.metadata[idx]
-
-
-def _batch(batch):
-    return batch  # CachedImages.__getitems__ already returns a batch
-
-
-class CachedLoaders:
-    """Loaders over :class:`CachedImages` splits for a Lightning data module (mixed in).
-
-    ``self.cached`` maps loader names to cached splits; a name not in it uses the module's own loader.
-    Loaders are built once and reused by every trial of a search (persistent workers when
-    ``num_workers > 0``: they only read the memory map, all randomness (order, crops) is drawn in the
-    main process and on the device from the trial's seed). ``on_after_batch_transfer`` turns uint8
-    batches into the model's input on the device.
-    """
-
-    cached: dict[str, CachedImages]
-    val_keys: tuple[str, ...] = ("val_id", "val_ood")  # what val_dataloader returns (a search trial: val_ood)
-    prep: TensorPrep | None = None
-    train_prep: TensorPrep | None = None
-
-    def _setup_cache(self, cached: dict[str, CachedImages], train_transform: Callable) -> None:
-        self.cached, self._loaders = cached, {}
-        if "train" in cached:
-            self.train_prep = train_prep(train_transform, self.prep, cached["train"].image_size)
-            if self.train_prep is None:  # an augmentation the tensor path does not have: train from files
-                log.info("dataset.cache: train transform %s has no tensor form; training reads image files",
-                         train_transform)
-                del self.cached["train"]
-
-    def _cached_loader(self, key: str) -> DataLoader:
-        if key not in self._loaders:
-            data, train = self.cached[key].ensure(), key == "train"
-            bs = self.batch_size if train else self.eval_batch_size
-            self._loaders[key] = DataLoader(
-                data, batch_size=bs, shuffle=train, drop_last=train and len(data) > bs, collate_fn=_batch,
-                num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                pin_memory=torch.cuda.is_available())
-        return self._loaders[key]
-
-    def _eval_dataset(self, key: str) -> Dataset:
-        """Split ``key`` read from its files through the eval transform (the train split too)."""
-        raise NotImplementedError
-
-    def plain_batches(self, key: str, device: torch.device | str = "cpu"):
-        """``(x, y, metadata)`` batches of any split, the train split included, un-augmented and in
-        order, as model inputs on ``device``: what a linear probe's frozen features are computed from.
-        Works outside a trainer (the cached path applies the eval preprocessing here)."""
-        if key in self.cached:
-            loader = DataLoader(self.cached[key].ensure(), batch_size=self.eval_batch_size, collate_fn=_batch,
-                                num_workers=self.num_workers)
-        else:
-            loader = DataLoader(self._eval_dataset(key), batch_size=self.eval_batch_size, num_workers=self.num_workers)
-        for x, y, meta in loader:
-            x = x.to(device)
-            if x.dtype == torch.uint8 and self.prep is not None:
-                x = model_input(x, self.prep)
-            yield x, y, meta
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y, meta = batch
-        if x.dtype != torch.uint8 or self.prep is None:
-            return batch
-        training = self.trainer is not None and self.trainer.training
-        return model_input(x, self.train_prep if training else self.prep, train=training), y, meta
+    def __getitem__(self, idx: int):
+        row = int(self.indices[idx])
+        x = wilds_image(self.dataset, row, self.what)
+        return (x if self.transform is None else self.transform(x)), self.dataset.y_array[row], \
+            self.dataset.metadata_array[row]
 
 
 class _WildsInputs(Dataset):
     """The PIL images of some rows of a WILDS dataset (what the cache decodes)."""
 
-    def __init__(self, dataset, indices: np.ndarray):
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset, indices: np.ndarray, what: str):
+        self.dataset, self.indices, self.what = dataset, indices, what
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        row = int(self.indices[i])
-        try:
-            return self.dataset.get_input(row)
-        except OSError as e:  # PIL's "cannot identify image file '<path>'" and unreadable files
-            raise UserError(f"unreadable image (row {row} of {self.dataset.dataset_name}): {e}") from None
+        return wilds_image(self.dataset, int(self.indices[i]), self.what)
 
 
 class WildsDataModule(CachedLoaders, pl.LightningDataModule):
@@ -693,63 +398,86 @@ class WildsDataModule(CachedLoaders, pl.LightningDataModule):
     ``shots``: train on a seeded k-shot subset (k examples per class) instead of the whole train split.
     ``cache``: read images from the preprocessing cache (whole WILDS splits, so any subset reuses
     them), labels and metadata from the wilds subsets as before; ``dataset.eval`` is unchanged.
+    ``on_bad_image``: ``error`` or ``skip`` (see :mod:`autoft.imagecheck`); skipped examples are
+    counted in ``skipped`` per loader. ``source``: the dataset already opened (:func:`open_wilds`).
     """
 
     def __init__(self, name: str, root: str | Path, train_transform: Callable, eval_transform: Callable,
                  batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0,
                  ood_val_size: int | None = None, ood_val_balanced: bool = False, subset_seed: int = 0,
-                 class_names: Sequence[str] | None = None, shots: int | None = None, cache: bool = False):
+                 class_names: Sequence[str] | None = None, shots: int | None = None, cache: bool = False,
+                 on_bad_image: str = "error", source: WildsSource | None = None):
         super().__init__()
-        self.folder = wilds_folder(name, root)
-        for check in wilds_checks(name, root, class_names).values():
-            check()
-        import wilds
-
-        try:
-            self.dataset = wilds.get_dataset(name, root_dir=str(root), download=False)
-        except (FileNotFoundError, KeyError, ValueError, TypeError, AssertionError) as e:
-            raise UserError(f"{name}: cannot read {self.folder}: {type(e).__name__}: {e}") from None
-        if class_names:
-            self.class_names = list(class_names)
-        else:
-            self.class_names = fmow_class_names() if name == "fmow" else class_names_from(self.folder)
-        if len(self.class_names) < self.dataset.n_classes:
-            raise UserError(f"{name}: {len(self.class_names)} class names for {self.dataset.n_classes} classes")
+        source = source or open_wilds(name, root, class_names)
+        self.name, self.folder, self.dataset, self.class_names = name, source.folder, source.dataset, source.class_names
+        self.on_bad_image = check_policy(on_bad_image)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        train = self.dataset.get_subset("train", transform=train_transform)
-        if shots:
-            train = WILDSSubset(self.dataset, train.indices[k_shot(train.y_array.numpy(), shots, subset_seed)],
-                                train_transform)
-        self.subsets = {"train": train}
+        train = self.dataset.get_subset("train")
+        indices = train.indices[k_shot(train.y_array.numpy(), shots, subset_seed)] if shots else train.indices
+        self.subsets = {"train": _WildsSubset(self.dataset, indices, train_transform, self._what("train"))}
         for key, split in EVAL_SPLITS.items():
-            subset = self.dataset.get_subset(split, transform=eval_transform)
+            indices = self.dataset.get_subset(split).indices
             if key == "val_ood":
-                keep = subsample(subset.y_array.numpy(), ood_val_size, ood_val_balanced, subset_seed)
-                subset = WILDSSubset(self.dataset, subset.indices[keep], eval_transform)
-            self.subsets[key] = subset
+                labels = self.dataset.y_array[indices].numpy()
+                indices = indices[subsample(labels, ood_val_size, ood_val_balanced, subset_seed)]
+            self.subsets[key] = _WildsSubset(self.dataset, indices, eval_transform, self._what(split))
         self.prep = eval_prep(eval_transform) if cache else None
         if cache and self.prep is None:
             log.warning("dataset.cache: eval transform %s has no cacheable form; reading image files", eval_transform)
-        self._setup_cache(self._cache_splits(name) if self.prep is not None else {}, train_transform)
+        # each WILDS split's rows: what the cache decodes (less the bad ones under skip)
+        self.rows = {s: np.flatnonzero(self.dataset.split_array == self.dataset.split_dict[s]) for s in WILDS_SPLITS}
+        self.skipped: dict[str, int] = {}
+        if self.on_bad_image == "skip":
+            self._drop_bad_images()
+        self._setup_cache(self._cache_splits() if self.prep is not None else {}, train_transform)
 
-    def _cache_splits(self, name: str) -> dict[str, CachedImages]:
+    @staticmethod
+    def _split_of(key: str) -> str:
+        return "train" if key == "train" else EVAL_SPLITS[key]
+
+    def _what(self, split: str) -> str:
+        return f"{self.name} split '{split}'"
+
+    def _signature(self, split: str, rows: np.ndarray) -> dict[str, Any]:
+        """What identifies some rows of a split's images: folder, split, rows, metadata files' size and mtime."""
+        return {"dataset": self.name, "folder": str(self.folder.resolve()), "split": split, "rows": rows_hash(rows),
+                "metadata": {p.name: file_stat(p) for p in sorted(self.folder.glob("*.csv"))}}
+
+    def _drop_bad_images(self) -> None:
+        """``on_bad_image=skip``: the rows each loader reads (with the cache, its whole split, which the cache
+        decodes) checked once (:func:`~autoft.imagecheck.bad_items`), and the bad ones dropped."""
+        for key, subset in self.subsets.items():
+            split = self._split_of(key)
+            rows = self.rows[split] if self.prep is not None else np.asarray(subset.indices)
+            paths = [wilds_image_path(self.dataset, int(r)) for r in rows]
+            bad = rows[sorted(bad_items(f"{self.name}-{split}", self._signature(split, rows), file_items(paths),
+                                        self._what(split)))]
+            if self.prep is not None:
+                self.rows[split] = np.setdiff1d(rows, bad)
+            keep = ~np.isin(subset.indices, bad)
+            if not keep.any():
+                raise UserError(f"{self._what(split)}: every image is bad (dataset.on_bad_image=skip left none)")
+            self.skipped[key] = int((~keep).sum())
+            self.subsets[key] = _WildsSubset(self.dataset, np.asarray(subset.indices)[keep], subset.transform,
+                                             subset.what)
+
+    def _cache_splits(self) -> dict[str, CachedImages]:
         """Each loader's rows in the cache of its whole WILDS split (written when first read)."""
-        stats = {p.name: file_stat(p) for p in sorted(self.folder.glob("*.csv"))}
         out = {}
         for key, subset in self.subsets.items():
-            split = "train" if key == "train" else EVAL_SPLITS[key]
-            full = np.flatnonzero(self.dataset.split_array == self.dataset.split_dict[split])
-            signature = {"dataset": name, "folder": str(self.folder.resolve()), "split": split,
-                         "rows": rows_hash(full), "metadata": stats}
-            file = CacheFile(f"{name}-{split}", signature, _WildsInputs(self.dataset, full), self.prep,
-                             self.num_workers)
-            rows = np.searchsorted(full, np.asarray(subset.indices))
-            out[key] = CachedImages(file, rows, subset.y_array, subset.metadata_array)
+            split = self._split_of(key)
+            full = self.rows[split]
+            file = CacheFile(f"{self.name}-{split}", self._signature(split, full),
+                             _WildsInputs(self.dataset, full, self._what(split)), self.prep, self.num_workers)
+            indices = np.asarray(subset.indices)
+            rows = np.searchsorted(full, indices)
+            out[key] = CachedImages(file, rows, self.dataset.y_array[indices], self.dataset.metadata_array[indices])
         return out
 
     def _eval_dataset(self, key: str) -> Dataset:
-        return WILDSSubset(self.dataset, self.subsets[key].indices, self.eval_transform)
+        subset = self.subsets[key]
+        return _WildsSubset(self.dataset, subset.indices, self.eval_transform, subset.what)
 
     def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor,
                  metadata: torch.Tensor) -> dict[str, float]:

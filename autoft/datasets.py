@@ -4,8 +4,9 @@ ImageNet (train/val class folders) with ImageNet-V2, -R, -A, -Sketch and ObjectN
 ImageNet-C for the search's OOD validation; CIFAR-10 (torchvision's python pickles) with CIFAR-10.1,
 CIFAR-10.2 and CIFAR-10-C (numpy files); PatchCamelyon and rendered SST2 (few-shot); Caltech101,
 StanfordCars and Flowers102 (transfer). Every dataset is a :class:`Benchmark`: class names plus one
-builder per split, so the data module and the data checker (``autoft-data check``) read the data
-the same way. :func:`make_data` picks the data module a dataset config names by its ``kind``.
+builder per split (:class:`~autoft.classification.Split`), so the data module and the data checker
+(``autoft-data check``) read the data the same way. :func:`open_data` reads and checks the dataset a
+config names (by its ``kind``; WILDS too) before any model exists; its ``module`` is the data module.
 
 Label spaces: a test set labelled in a subset or a grouping of the model's classes (ImageNet-R/-A:
 200 ImageNet classes; ObjectNet: 113 classes, each one or more ImageNet classes) carries
@@ -18,75 +19,32 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from autoft import UserError
+from autoft.classification import ClassificationDataModule, Split
 from autoft.data import (
-    CachedImages,
-    CachedLoaders,
-    CacheFile,
     MissingData,
     WildsDataModule,
-    eval_prep,
-    file_stat,
-    k_shot,
-    rows_hash,
+    WildsSource,
+    open_wilds,
     stratified_split,
     subsample,
-    wilds_checks,
+    wilds_folder,
 )
+from autoft.imagecheck import check_policy
 
 PCAM_CLASSNAMES = ("lymph node", "lymph node containing metastatic tumor tissue")  # CLIP's, as AutoFT used
-
-
-@dataclass(eq=False)
-class Split:
-    """One split: item i of ``images`` is ``(PIL image, anything)``; its label is ``labels[i]``."""
-
-    images: Dataset
-    labels: np.ndarray
-    source: str                              # the file or folder it was read from, for messages
-    n_labels: int                            # size of its label space
-    groups: torch.Tensor | None = None       # [n_labels, g] model classes pooled into each label
-    meta: np.ndarray | None = None           # an integer per item (e.g. the corruption) for evaluate
-    prep: Callable | None = None             # applied to the image before the transform
-
-    def take(self, positions: np.ndarray) -> Split:
-        positions = np.asarray(positions, dtype=np.int64)
-        return replace(self, images=Subset(self.images, positions.tolist()), labels=self.labels[positions],
-                       meta=None if self.meta is None else self.meta[positions])
-
-    def check_labels(self) -> None:
-        bad = (self.labels < 0) | (self.labels >= self.n_labels)
-        if bad.any():
-            raise UserError(f"{self.source}: label {int(self.labels[bad][0])} out of range 0..{self.n_labels - 1}")
-
-
-class Examples(Dataset):
-    """``(transform(image), label, metadata)`` triples of a split, as the fine-tuner's loaders yield them."""
-
-    def __init__(self, split: Split, transform: Callable):
-        self.split, self.transform = split, transform
-
-    def __len__(self) -> int:
-        return len(self.split.labels)
-
-    def __getitem__(self, i: int):
-        image = self.split.images[i][0]
-        if self.split.prep is not None:
-            image = self.split.prep(image)
-        meta = 0 if self.split.meta is None else int(self.split.meta[i])
-        return self.transform(image), int(self.split.labels[i]), torch.tensor([meta])
 
 
 class ArrayImages(Dataset):
@@ -110,100 +68,6 @@ class Benchmark:
     folder: Path
     class_names: Callable[[], list[str]]
     splits: dict[str, Callable[[], Split]]
-
-
-class _SplitImages(Dataset):
-    """A split's PIL images after its ``prep`` (what the cache decodes)."""
-
-    def __init__(self, split: Split):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split.labels)
-
-    def __getitem__(self, i: int):
-        image = self.split.images[i][0]
-        return image if self.split.prep is None else self.split.prep(image)
-
-
-def _split_signature(split: Split, key: str) -> dict:
-    """What identifies a split's images for the cache: its source (and stat), rows and labels."""
-    images, rows = split.images, np.arange(len(split.labels))
-    while isinstance(images, Subset):  # rows of the underlying dataset, through every take()
-        rows, images = np.asarray(images.indices)[rows], images.dataset
-    prep = None if split.prep is None else getattr(split.prep, "__qualname__", type(split.prep).__name__)
-    return {"source": str(Path(split.source).resolve()), "stat": file_stat(Path(split.source)), "key": key,
-            "dataset": type(images).__name__, "rows": rows_hash(rows), "labels": rows_hash(split.labels),
-            "prep": prep}
-
-
-class ClassificationDataModule(CachedLoaders, pl.LightningDataModule):
-    """Loaders with the interface of :class:`~autoft.data.WildsDataModule` for any :class:`Benchmark`.
-
-    Test loaders: ``test_id``, then every OOD test set (``test_keys`` names them; with several, the
-    fine-tuner logs each under its own name and their mean as ``test_ood``). ``class_groups`` maps a
-    loader to the model classes of each of its labels. ``cache``: images from the preprocessing cache
-    (each split as used, after k-shot or subset selection).
-    """
-
-    def __init__(self, splits: Mapping[str, Split], class_names: Sequence[str], train_transform: Callable,
-                 eval_transform: Callable, batch_size: int = 128, eval_batch_size: int = 512,
-                 num_workers: int = 0, ood_val_size: int | None = None, ood_val_balanced: bool = False,
-                 subset_seed: int = 0, shots: int | None = None, ood_val_shots: int | None = None,
-                 cache: bool = False):
-        super().__init__()
-        self.class_names = list(class_names)
-        self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        splits = dict(splits)
-        for key, split in splits.items():
-            if not len(split.labels):
-                raise MissingData(f"{split.source}: no examples for {key}")
-            split.check_labels()
-        if shots:
-            splits["train"] = splits["train"].take(k_shot(splits["train"].labels, shots, subset_seed))
-        ood = splits["val_ood"]
-        keep = (k_shot(ood.labels, ood_val_shots, subset_seed) if ood_val_shots
-                else subsample(ood.labels, ood_val_size, ood_val_balanced, subset_seed))
-        splits["val_ood"] = ood.take(keep)
-        self.splits = splits
-        self.test_keys = ("test_id", *(k for k in splits if k.startswith("test_") and k != "test_id"))
-        self.class_groups = {k: s.groups for k, s in splits.items() if s.groups is not None}
-        self.prep = eval_prep(eval_transform) if cache else None
-        cached = {}
-        if self.prep is not None:
-            for key, split in splits.items():
-                file = CacheFile(f"{Path(split.source).name}-{key}", _split_signature(split, key),
-                                 _SplitImages(split), self.prep, num_workers)
-                meta = np.zeros(len(split.labels), np.int64) if split.meta is None else split.meta
-                cached[key] = CachedImages(file, np.arange(len(split.labels)), torch.as_tensor(split.labels),
-                                           torch.as_tensor(meta, dtype=torch.int64)[:, None])
-        self._setup_cache(cached, train_transform)
-
-    def _eval_dataset(self, key: str) -> Dataset:
-        return Examples(self.splits[key], self.eval_transform)
-
-    def evaluate(self, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor) -> dict[str, float]:
-        """Top-1 accuracy (the paper's metric for every non-WILDS benchmark)."""
-        return {"acc": (y_pred == y_true).float().mean().item()}
-
-    def train_dataloader(self):
-        if "train" in self.cached:
-            return self._cached_loader("train")
-        train = Examples(self.splits["train"], self.train_transform)
-        return DataLoader(train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          drop_last=len(train) > self.batch_size, persistent_workers=self.num_workers > 0)
-
-    def _eval(self, keys: Sequence[str]):
-        return [self._cached_loader(k) if k in self.cached else
-                DataLoader(Examples(self.splits[k], self.eval_transform), batch_size=self.eval_batch_size,
-                           num_workers=self.num_workers) for k in keys]
-
-    def val_dataloader(self):
-        return self._eval(self.val_keys)
-
-    def test_dataloader(self):
-        return self._eval(self.test_keys)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -607,7 +471,13 @@ def caltech101(d: DictConfig, root: Path) -> Benchmark:
         return [split.take(p) for p in stratified_split(split.labels, tuple(d.split_fractions), d.subset_seed)]
 
     def names() -> list[str]:
-        return [c.replace("_", " ").lower() for c in load().categories]
+        """CLIP's curated name of each category folder (see autoft/data_files/caltech101_classnames.json)."""
+        curated = json.loads(files("autoft").joinpath("data_files/caltech101_classnames.json").read_text())["classes"]
+        unknown = [c for c in load().categories if c not in curated]
+        if unknown:
+            raise UserError(f"{base / '101_ObjectCategories' / unknown[0]}: not one of Caltech101's 101 categories, "
+                            f"which CLIP's class names are for (or set dataset.class_names)")
+        return [curated[c] for c in load().categories]
 
     return _three_splits(d, base, lambda s: parts()[("train", "val", "test").index(s)], names)
 
@@ -635,10 +505,21 @@ def benchmark(d: DictConfig, root: str | Path) -> Benchmark:
     return BENCHMARKS[kind_of(d)](d, root)
 
 
+class ArticleTemplate(str):
+    """A prompt template with an ``{article}`` field: "a", or "an" before a class name that starts with a
+    vowel letter, as the reference code's ``append_proper_article`` chooses (FMoW's "satellite photo of
+    {article} {}."). ``format(name)`` works as on any template, so the model needs no other kind."""
+
+    def format(self, *args, **kwargs) -> str:
+        article = "an" if str(args[0])[:1].lower() in "aeiou" else "a"
+        return str.format(self, *args, article=article, **kwargs)
+
+
 def templates(spec: str | Sequence[str]) -> list[str]:
-    """Prompt templates: a list of ``{}`` strings, or the name of OpenAI's ImageNet set shipped with open_clip."""
+    """Prompt templates: a list of ``{}`` strings (with ``{article}`` where the article depends on the class
+    name), or the name of OpenAI's ImageNet set shipped with open_clip."""
     if not isinstance(spec, str):
-        return [str(t) for t in spec]
+        return [ArticleTemplate(t) if "{article}" in str(t) else str(t) for t in spec]
     from open_clip import zero_shot_metadata as meta
 
     sets = {"openai_imagenet": meta.OPENAI_IMAGENET_TEMPLATES, "simple_imagenet": meta.SIMPLE_IMAGENET_TEMPLATES}
@@ -647,23 +528,51 @@ def templates(spec: str | Sequence[str]) -> list[str]:
     return [t("{}") for t in sets[spec]]
 
 
-def make_data(d: DictConfig, root: str | Path, train_transform: Callable, eval_transform: Callable):
-    """The data module a dataset config names (``kind``; none: a WILDS dataset)."""
-    common = dict(batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
-                  ood_val_size=d.ood_val_size, ood_val_balanced=d.ood_val_balanced, subset_seed=d.subset_seed,
-                  shots=d.get("shots"), cache=bool(d.get("cache", False)))
+@dataclass
+class DataSource:
+    """A dataset read and checked before any model exists (its files, metadata, splits, labels and class
+    names: a run fails on bad data before it loads weights); :meth:`module` adds the model's transforms."""
+
+    config: DictConfig
+    root: str
+    class_names: list[str]
+    wilds: WildsSource | None = None
+    splits: dict[str, Split] | None = None
+
+    def module(self, train_transform: Callable, eval_transform: Callable):
+        """The data module: a :class:`WildsDataModule` or a :class:`ClassificationDataModule`."""
+        d = self.config
+        common = dict(batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
+                      ood_val_size=d.ood_val_size, ood_val_balanced=d.ood_val_balanced, subset_seed=d.subset_seed,
+                      shots=d.get("shots"), cache=bool(d.get("cache", False)),
+                      on_bad_image=d.get("on_bad_image", "error"))
+        if self.wilds is not None:
+            return WildsDataModule(d.name, self.root, train_transform, eval_transform, source=self.wilds, **common)
+        return ClassificationDataModule(self.splits, self.class_names, train_transform, eval_transform,
+                                        ood_val_shots=d.get("ood_val_shots"), name=d.name, **common)
+
+
+def open_data(d: DictConfig, root: str | Path) -> DataSource:
+    """Read and check the dataset a config names (``kind``; none: a WILDS dataset) under ``root``."""
+    check_policy(d.get("on_bad_image", "error"))
     if kind_of(d) == "wilds":
-        return WildsDataModule(d.name, root, train_transform, eval_transform, class_names=d.get("class_names"),
-                               **common)
+        source = open_wilds(d.name, root, d.get("class_names"))
+        return DataSource(d, str(root), source.class_names, wilds=source)
     bench = benchmark(d, root)
     splits = {key: build() for key, build in bench.splits.items()}
-    return ClassificationDataModule(splits, bench.class_names(), train_transform, eval_transform,
-                                    ood_val_shots=d.get("ood_val_shots"), **common)
+    for key, split in splits.items():
+        split.check(key)
+    return DataSource(d, str(root), bench.class_names(), splits=splits)
+
+
+def make_data(d: DictConfig, root: str | Path, train_transform: Callable, eval_transform: Callable):
+    """The data module a dataset config names, with the model's transforms."""
+    return open_data(d, root).module(train_transform, eval_transform)
 
 
 def check_root(d: DictConfig, root: str | Path) -> None:
-    """Fail fast (before minutes of model loading) when the dataset's folder is not under ``root``."""
+    """Fail fast when the dataset's folder is not under ``root``."""
     if kind_of(d) == "wilds":
-        wilds_checks(d.name, root)
+        wilds_folder(d.name, root)
     else:
         _folder(benchmark(d, root).folder)

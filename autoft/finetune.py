@@ -29,8 +29,10 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
 from autoft.conventions import objective_settings
-from autoft.data import WildsDataModule, file_stat
-from autoft.datasets import check_root, make_data, templates
+from autoft.data import WildsDataModule
+from autoft.datasets import check_root, open_data, templates
+from autoft.imagecache import file_stat
+from autoft.imagecheck import skip_counts
 from autoft.layers import optimizer_groups
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import CompositeObjective
@@ -273,8 +275,9 @@ def build(cfg: DictConfig, reuse: bool = False) -> tuple[CLIPClassifier, pl.Ligh
         model.restore(state)
         return model, data
     _BUILT.clear()
+    source = open_data(cfg.dataset, root)  # files, metadata, class names: bad data fails before weights load
     clip, train_tf, eval_tf, tokenizer = load_clip(cfg.model.name, pretrained)
-    data = make_data(cfg.dataset, root, train_tf, eval_tf)
+    data = source.module(train_tf, eval_tf)
     model = CLIPClassifier(clip, tokenizer, data.class_names, templates(cfg.dataset.templates),
                            train_text=cfg.model.train_text, text_head=cfg.model.get("text_head", False),
                            train_logit_scale=cfg.model.get("train_logit_scale", False),
@@ -364,6 +367,7 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
         module.load_state_dict(best["state_dict"])
     if cfg.test:
         trainer.test(module, datamodule=data, verbose=False)
+    module.results.update(skip_counts(getattr(data, "skipped", {})))  # dataset.on_bad_image=skip: dropped examples
     return module
 
 

@@ -40,8 +40,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
+from autoft.datasets import open_data
 from autoft.final import final_train, load_best_params
-from autoft.finetune import CONF_DIR, weights_signature
+from autoft.finetune import CONF_DIR, dataset_root, weights_signature
 from autoft.model import CLIPClassifier
 from autoft.world import cache_dir, config_hash
 
@@ -138,15 +139,17 @@ def _key(override: str) -> str:
 
 
 def search_overrides(cfg: DictConfig, job_overrides: list[str]) -> list[str]:
-    """The search's overrides: the job's data/model/logger ones, the dataset's search budget, the method's
-    sampler and search settings, seeded by the job's seed. A key given twice keeps its last value (an
-    objective-transfer run searches on ``dataset=<source>`` while it trains on another)."""
+    """The search's overrides: the job's data/model/logger ones, the dataset's search budget (trials, inner
+    steps, and its batch size unless the job sets dataset.batch_size), the method's sampler and search
+    settings, seeded by the job's seed. A key given twice keeps its last value (an objective-transfer run
+    searches on ``dataset=<source>`` while it trains on another)."""
     keep = [o for o in job_overrides if _key(o).split(".", 1)[0] not in _NOT_FOR_SEARCH]
     budget = cfg.dataset.get("budget") or {}
     budget_overrides = [f"{key}={budget[name]}" for name, key in
                         (("trials", "hydra.sweeper.n_trials"), ("inner_steps", "search.inner_steps")) if name in budget]
+    batch = [f"dataset.batch_size={budget.inner_batch_size}"] if "inner_batch_size" in budget else []
     name = f"autoft-{cfg.study}-{cfg.method.name}-seed{cfg.seed}"
-    ordered = [f"search={cfg.method.search}", *keep, *budget_overrides, f"hydra.sweeper.study_name={name}",
+    ordered = [f"search={cfg.method.search}", *batch, *keep, *budget_overrides, f"hydra.sweeper.study_name={name}",
                f"hydra.sweeper.sampler.seed={cfg.seed}", f"hydra.sweeper.sampler.name={cfg.method.sampler}",
                *cfg.method.search_overrides]
     last = {_key(o): i for i, o in enumerate(ordered)}
@@ -175,6 +178,7 @@ def run(cfg: DictConfig, job_overrides: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     searched: dict[str, Any] | None = None
     if cfg.method.search:
+        open_data(cfg.dataset, dataset_root(cfg))  # bad data: one line here, before the search loads weights
         searched = load_best_params(str(launch_search(out / "search", search_overrides(cfg, job_overrides))))
         params = {k: v for k, v in searched.items() if k != "seed"}  # the final run's seed is the benchmark seed
     probe: dict[str, Any] = {}

@@ -17,7 +17,6 @@ gathers per image (same values and gradients, fewer tokens), else it encodes per
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,42 +26,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoft import UserError
+from autoft.weights import hub_offline, is_path, resolve
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers the tiny architectures (autoft-tiny)
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def load_clip(name: str, pretrained: str | None = None):
     """Create an open_clip model; return (model, train_transform, eval_transform, tokenizer).
 
     ``pretrained`` is an open_clip tag (e.g. ``openai``), a local checkpoint path, or None for
-    random weights. Offline failures become one clear :class:`UserError`.
+    random weights. Where the weights come from is settled first (:func:`autoft.weights.resolve`):
+    weights that are neither local nor downloadable are one clear :class:`UserError` within seconds.
     """
     if name not in open_clip.list_models():
         raise UserError(f"unknown model '{name}'; see open_clip.list_models() (tiny: autoft-tiny)")
-    is_path = pretrained is not None and (
-        os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or Path(pretrained).exists())
-    if is_path and not Path(pretrained).is_file():
-        raise UserError(f"checkpoint file not found: {pretrained}")
-    if pretrained and not is_path:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            raise UserError(f"unknown pretrained tag '{pretrained}' for {name}; known: {', '.join(tags) or 'none'}")
+    weights = resolve(name, pretrained)
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # open_clip logs each creation step at INFO on the root logger
     try:
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        with hub_offline(weights.offline):
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                name, pretrained=weights.pretrained, force_quick_gelu=weights.quick_gelu)
         tokenizer = open_clip.get_tokenizer(name)
-    except RuntimeError as e:
-        if is_path or "download" not in str(e).lower():
+    except RuntimeError as e:  # the hub answered the reachability check, then the download failed
+        if weights.pretrained is None or is_path(weights.pretrained) or "download" not in str(e).lower():
             raise
-        raise UserError(
-            f"cannot load '{pretrained}' weights for {name} (offline?): download them once on a "
-            f"connected machine (they are cached under ~/.cache/huggingface) or set "
-            f"model.pretrained=/path/to/checkpoint.pt") from None
+        raise UserError(f"cannot load '{pretrained}' weights for {name}: {str(e).splitlines()[0]}; fetch them on a "
+                        f"connected machine into the Hugging Face cache, or set model.pretrained=/path/to/"
+                        f"checkpoint.pt") from None
     finally:
         root.setLevel(level)
     return model, train_tf, eval_tf, tokenizer

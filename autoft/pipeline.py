@@ -24,6 +24,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from autoft import UserError, atomic_write
+from autoft.datasets import open_data
 from autoft.final import final_train, load_best_params
 from autoft.finetune import CONF_DIR, dataset_root, resolve_pretrained
 from autoft.methods import launch_search
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("embedded world (a procedural stand-in, not iWildCam) and tiny CLIP, seed %d", args.seed)
         base = _compose("final", [*common, f"output_dir={out}"])
-        dataset_root(base)  # generate the world once; cached afterwards
+        open_data(base.dataset, dataset_root(base))  # generate the world once (then cached) and check it
         resolve_pretrained(base)  # pretrain the tiny CLIP once; cached afterwards
         t_search = time.time()
         best_file = search(out, args.seed, args.trials, [*common, *args.search_override])

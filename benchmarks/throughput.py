@@ -288,8 +288,9 @@ def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 def bench_data(args, tmp: Path) -> list[dict]:
     """JPEG decode + the eval transform with PIL, vs the uint8 cache to the model's input, one core each."""
-    from autoft.data import CachedImages, _batch, eval_prep, image_cache, model_input, train_prep
+    from autoft.imagecache import CachedImages, _batch, image_cache
     from autoft.model import load_clip
+    from autoft.tensorprep import eval_prep, model_input, train_prep
 
     torch.set_num_threads(1)
     name = MODELS[args.model][0]

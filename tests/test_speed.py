@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import autoft.finetune as ft
-from autoft.data import WildsDataModule, eval_prep, model_input, random_resized_crop
+from autoft.data import WildsDataModule
 from autoft.datasets import ArrayImages, ClassificationDataModule, Split
 from autoft.model import CLIPClassifier, load_clip
+from autoft.tensorprep import eval_prep, model_input, random_resized_crop
 from tests.conftest import overrides
 
 NAMES = ["fox", "deer", "great blue heron", "red-tailed hawk"]
