@@ -94,7 +94,8 @@ class FineTuner(pl.LightningModule):
         return tuple(getattr(self.trainer.datamodule, "test_keys", TEST_KEYS))
 
     def _val_keys(self) -> tuple[str, ...]:
-        """The data module's validation loader names: val_id, val_ood (search trials: see validation_keys)."""
+        """The data module's validation loader names: val_id, val_ood (search trials: see
+        autoft.trial.validation_keys)."""
         return tuple(getattr(self.trainer.datamodule, "val_keys", VAL_KEYS))
 
     def _collect(self, batch, dataloader_idx: int) -> None:

@@ -33,6 +33,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 STEP_KEY = "trainer/global_step"  # the x-axis Lightning's WandbLogger gives W&B
+# WandbLogger arguments that are not wandb.init's (offline is handled apart)
+_LIGHTNING_ONLY = ("_target_", "log_model", "prefix", "experiment", "checkpoint_name")
 
 
 def wandb_offline() -> bool:
@@ -60,10 +62,11 @@ def make_logger(cfg: DictConfig, trial=None, **wandb_run: str):
     if trial is not None:
         params["trial"] = {"number": trial.number, "params": trial.params}
     if _is_wandb(cfg) and trial is not None:
-        kwargs = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items()
-                  if k not in ("_target_", "log_model")}
-        logger = TrialRun(offline=wandb_offline(), group=trial.study.study_name, name=f"trial-{trial.number}",
-                          job_type="trial", **kwargs)
+        init = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items()
+                if k not in _LIGHTNING_ONLY}  # the rest are wandb.init's, as WandbLogger passes them
+        offline = bool(init.pop("offline", False)) or wandb_offline()
+        init |= {"group": trial.study.study_name, "name": f"trial-{trial.number}", "job_type": "trial"}
+        logger = TrialRun(offline, **init)
     else:
         extra: dict[str, Any] = {}
         if _is_wandb(cfg):
@@ -93,9 +96,9 @@ class TrialRun(Logger):
     ``trainer/global_step``, the config made JSON-serialisable the same way.
     """
 
-    def __init__(self, offline: bool, save_dir: str | None = None, **init: Any):
+    def __init__(self, offline: bool, save_dir: str | None = None, dir: str | None = None, **init: Any):
         super().__init__()
-        self.offline, self._save_dir, self.init = offline, save_dir, init
+        self.offline, self._save_dir, self.init = offline, save_dir or dir, init
         self.config: dict[str, Any] = {}
         self.rows: list[dict[str, Any]] = []
         self.finished = False

@@ -26,6 +26,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from autoft import UserError, atomic_write
 from autoft.finetune import VAL_KEYS, FineTuner, build, finetune
 from autoft.loggers import finish_logger, make_logger
+from hydra_plugins.autoft_optuna_sweeper import trial_from_config
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,6 @@ def run(cfg: DictConfig) -> float | list[float]:
     Run by the sweeper, the job finds its Optuna trial through the storage, reports the OOD
     validation metric at every validation and raises ``optuna.TrialPruned`` when pruned.
     """
-    from hydra_plugins.autoft_optuna_sweeper import trial_from_config
-
     trial = trial_from_config(cfg)
     model, data = build(cfg, reuse=True)  # the next trial in this process reuses model and data
     data.val_keys = validation_keys(cfg, search=trial is not None)

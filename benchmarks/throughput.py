@@ -14,7 +14,8 @@ Three sections, printed as markdown tables (and written as JSON with ``--out``):
   data), each trial's time split into named phases: Optuna trial, reset, logger, objective, trainer,
   Lightning's set-up, first batch, training steps, batch wait (loader, copy, device transform,
   Lightning's loop), validation, pruning report, teardown, logger finish, results file
-  (``benchmarks/trial_overhead.py``; with ``--out``, ``trial-overhead.json`` and ``.md``).
+  (``benchmarks/trial_overhead.py``; ``--sections trial --out DIR`` writes ``trial-overhead.json`` and
+  ``.md``, other sections with it ``throughput.json`` and ``.md``).
 * **data**: images/s of the data path on one CPU core: decoding 1920x1080 JPEGs and applying the
   model's eval transform with PIL, against reading the uint8 preprocessing cache and making the
   model's input (random resized crop, normalise) on the device.
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             report["trial"] = bench_trial(args, MODELS[args.model][1], Path(tmp) / "trial")
             trial_md = markdown(report["trial"])
             lines += [trial_md]
-            if args.out:
+            if args.out and sections == {"trial"}:  # with other sections it is in throughput.{json,md}
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "trial-overhead.json").write_text(json.dumps(report["trial"] | {"setup": head}, indent=1))
                 (args.out / "trial-overhead.md").write_text(f"### {head}\n\n{trial_md}")
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                                              ("ratio_to_jpeg", "x JPEG", ".1f")]), ""]
     text = "\n".join(lines)
     print(text)
-    if args.out and sections - {"trial"}:  # the trial section writes trial-overhead.{json,md}
+    if args.out and sections != {"trial"}:  # the trial section alone writes trial-overhead.{json,md}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "throughput.json").write_text(json.dumps(report, indent=1))
         (args.out / "throughput.md").write_text(text + "\n")

@@ -53,22 +53,26 @@ INSIDE = ("training steps", "validation")  # the trial's own work; everything el
 
 
 class Phases:
-    """Wall time of the main thread by phase, each moment given to the innermost open phase."""
+    """Wall time of the main thread by phase, each moment given to the innermost open phase; and the main
+    thread's CPU time by phase (``cpu``): on a machine shared with other work, a phase's CPU time is
+    close to its wall time on a quiet one, where it does not wait (on a GPU, a file, another process)."""
 
     def __init__(self, device: str):
         self.device, self.main = device, threading.main_thread()
         self.stack: list[str] = []
         self.totals: dict[str, float] = defaultdict(float)
-        self.mark = time.perf_counter()
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.mark, self.cpu_mark = time.perf_counter(), time.thread_time()
         self.undo: list[Callable[[], None]] = []
 
     def _switch(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         if self.stack:
             self.totals[self.stack[-1]] += now - self.mark
-        self.mark = now
+            self.cpu[self.stack[-1]] += cpu - self.cpu_mark
+        self.mark, self.cpu_mark = now, cpu
 
     def push(self, name: str) -> None:
         self._switch()
@@ -144,6 +148,15 @@ def _batch_phase(phases: Phases, part: str) -> Callable[[], str]:
     return name
 
 
+def _named(totals: dict[str, float]) -> dict[str, float]:
+    """Totals by the phases of PHASES; the fit's own frame (around Lightning's phases) goes to unattributed."""
+    names = dict(PHASES)
+    out: dict[str, float] = defaultdict(float)
+    for k, v in totals.items():
+        out[k if k in names else "unattributed"] += v
+    return dict(out)
+
+
 def instrument(phases: Phases, trials: list[dict[str, float]], writes: list[float]) -> None:
     """Wrap what a trial calls; each finished trial's phases are appended to ``trials``, and the time
     of each background W&B write to ``writes``."""
@@ -166,22 +179,21 @@ def instrument(phases: Phases, trials: list[dict[str, float]], writes: list[floa
         if last_end[0] is not None:
             between.append(start - last_end[0])
         phases.totals.clear()
+        phases.cpu.clear()
         phases.push("unattributed")
-        # wrapped here, per trial: Hydra's plugin scan re-runs the plugin package's code, undoing a wrap
-        phases.wrap(sys.modules["hydra_plugins.autoft_optuna_sweeper"], "trial_from_config", "optuna trial")
         try:
             return original_run(cfg)
         finally:
-            phases.undo.pop()()
             phases.pop()
             assert not phases.stack, phases.stack
             end = time.perf_counter()
-            trials.append(dict(phases.totals) | {"trial_s": end - start,
-                                                 "between_s": between[-1] if between else float("nan")})
+            trials.append(_named(phases.totals) | {f"cpu:{k}": v for k, v in _named(phases.cpu).items()}
+                          | {"trial_s": end - start, "between_s": between[-1] if between else float("nan")})
             last_end[0] = end
 
     trial.run = timed_run
     phases.undo.append(lambda: setattr(trial, "run", original_run))
+    phases.wrap(trial, "trial_from_config", "optuna trial")
     phases.wrap(trial, "build", "reset")
     phases.wrap(trial, "make_logger", "logger set-up")
     phases.wrap(trial, "finish_logger", "logger finish")
@@ -267,17 +279,16 @@ def bench_trial(args, option: str, out: Path) -> dict:
     if len(trials) != args.trials:
         raise RuntimeError(f"{len(trials)} of {args.trials} trials ran: see the search's log above")
     names = [n for n, _ in PHASES]
-    for t in trials:  # the fit's own frame, around Lightning's phases: nothing of its own
-        t["unattributed"] = t.get("unattributed", 0.0) + sum(v for k, v in t.items()
-                                                             if k not in names and not k.endswith("_s"))
-    rows = [{"trial": i + 1} | {n: t.get(n, 0.0) for n in names} | {"trial_s": t["trial_s"],
-                                                                    "between_s": t["between_s"]}
-            for i, t in enumerate(trials)]
+    cpu_names = [f"cpu:{n}" for n in names]
+    rows = [{"trial": i + 1} | {n: t.get(n, 0.0) for n in names + cpu_names}
+            | {"trial_s": t["trial_s"], "between_s": t["between_s"]} for i, t in enumerate(trials)]
     for r in rows:
         r["outside_s"] = r["trial_s"] - sum(r[n] for n in INSIDE)
+        r["cpu:outside_s"] = sum(r[f"cpu:{n}"] for n in names if n not in INSIDE)
         r["phases_s"] = sum(r[n] for n in names)  # equals trial_s: every moment is in one phase
     later = rows[1:] or rows
-    med = {k: statistics.median(r[k] for r in later) for k in [*names, "trial_s", "outside_s", "between_s"]}
+    med = {k: statistics.median(r[k] for r in later)
+           for k in [*names, *cpu_names, "trial_s", "outside_s", "cpu:outside_s", "between_s"]}
     return {"config": {"search": "embedded", "trials": args.trials, "logger": args.logger, "device": args.device,
                        "overrides": sweep_args(args, option, out)[1:]},
             "phases": dict(PHASES), "trials": rows, "median_later": med,
@@ -289,17 +300,19 @@ def markdown(report: dict) -> str:
     m, first = report["median_later"], report["trials"][0]
     n = len(report["trials"])
     lines = [f"Search trials (`search=embedded`, logger {report['config']['logger']}, {report['config']['device']}); "
-             f"seconds per trial: median of trials 2..{n}, and trial 1 (which builds model and data):", "",
-             "| phase | median | trial 1 | what |", "|---|---|---|---|"]
+             f"seconds per trial: wall and the main thread's CPU time, median of trials 2..{n}, and trial 1's "
+             "wall (it builds model and data):", "",
+             "| phase | wall | CPU | trial 1 wall | what |", "|---|---|---|---|---|"]
     for name, what in report["phases"].items():
-        lines.append(f"| {name} | {m[name]:.3f} | {first[name]:.3f} | {what} |")
+        lines.append(f"| {name} | {m[name]:.3f} | {m['cpu:' + name]:.3f} | {first[name]:.3f} | {what} |")
     writes = report["wandb_background_s"]
-    lines += [f"| **trial** | **{m['trial_s']:.3f}** | {first['trial_s']:.3f} | run(), all of the above |",
-              f"| **outside steps and validation** | **{m['outside_s']:.3f}** | {first['outside_s']:.3f} | "
-              f"the trial less training steps and validation ({report['outside_share']:.1%} of it) |",
-              f"| between trials | {m['between_s']:.3f} | | not in the trial: Hydra's job set-up, the sweeper's "
+    lines += [f"| **trial** | **{m['trial_s']:.3f}** | | {first['trial_s']:.3f} | run(), all of the above |",
+              f"| **outside steps and validation** | **{m['outside_s']:.3f}** | **{m['cpu:outside_s']:.3f}** | "
+              f"{first['outside_s']:.3f} | the trial less training steps and validation "
+              f"({report['outside_share']:.1%} of its wall time) |",
+              f"| between trials | {m['between_s']:.3f} | | | not in the trial: Hydra's job set-up, the sweeper's "
               "ask and tell |",
-              f"| W&B run, background | {statistics.median(writes) if writes else 0:.3f} | "
+              f"| W&B run, background | {statistics.median(writes) if writes else 0:.3f} | | "
               f"{writes[0] if writes else 0:.3f} | not on the trial's path: writing its W&B run, beside the "
               "next trial |", ""]
     return "\n".join(lines)

@@ -265,13 +265,10 @@ def test_each_search_trial_has_its_own_wandb_run_pruned_or_not(tmp_path, monkeyp
     """A trial's W&B run is written after the trial (grouped by study, named after the trial, its params in
     the config, its final metrics in the summary); a pruned trial's run is closed too, so the next trial
     does not log into it."""
-    import hydra_plugins.autoft_optuna_sweeper as sweeper
-
     cfg = _cfg(tmp_path, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=1")
     study = optuna.create_study(study_name="speed-study", direction="maximize")
     trials = []
-    # after composing: Hydra's plugin scan re-runs the plugin package's code, which would undo the patch
-    monkeypatch.setattr(sweeper, "trial_from_config", lambda cfg: trials[-1])
+    monkeypatch.setattr(trial, "trial_from_config", lambda cfg: trials[-1])
     trials.append(study.ask({"optim.lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}))
     value = trial.run(cfg)
     study.tell(trials[-1], value)
