@@ -535,7 +535,9 @@ def image_cache(name: str, signature: dict[str, Any], images: Dataset, prep: Ten
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source), *first.shape))
-        loader = DataLoader(source, batch_size=64, num_workers=num_workers, collate_fn=_stack)
+        # its own generator: written inside a trial, the cache must not draw from the trial's seeded RNG
+        loader = DataLoader(source, batch_size=64, num_workers=num_workers, collate_fn=_stack,
+                            generator=torch.Generator())
         start = 0
         for batch in loader:
             for offset, image in enumerate(batch):
