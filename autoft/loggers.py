@@ -1,7 +1,7 @@
 """The runs' loggers: W&B (offline without a login) or CSV, and search trials' W&B runs written after the trial.
 
 A search runs hundreds of ten-second trials, one W&B run each. Opening a W&B run costs far more than a
-trial's logging: ``wandb.init`` lists every installed package (``x_save_requirements``: over 1 s here),
+trial's logging: ``wandb.init`` lists every installed package (``x_save_requirements``, most of it),
 reads git, starts system-metrics sampling and console capture, then waits on the W&B service to create
 the run; ``finish`` waits for it again. So a trial does not open its run: :class:`TrialRun` records
 what the trial logs (config, metric rows with their steps, final summary) and, when the trial ends,
@@ -156,7 +156,8 @@ def write_run(offline: bool, save_dir: str | None, init: dict[str, Any], config:
 
 
 def wait_for_runs() -> None:
-    """Return once every W&B run handed over so far is written."""
+    """Return once every W&B run handed over so far has been written and finished. W&B's service closes
+    each run's files a moment later (``wandb.teardown()`` waits for that; the process's exit does too)."""
     if _writer is not None:
         _writer.join()
 

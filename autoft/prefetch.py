@@ -1,8 +1,8 @@
 """Training batches made one ahead on a thread, while the current batch trains.
 
-Reading a cached batch and making it the model's input (random resized crop, normalise: about 7 ms a
-batch of 128 on one CPU core for the tiny CLIP, 4% of its step) runs in Lightning's loop between two
-training steps, so a search paid it once per step, hundreds of steps per trial. On CPU,
+Reading a cached batch and making it the model's input (random resized crop, normalise: milliseconds
+a batch on one CPU core) runs in Lightning's loop between two training steps, so a search paid it once
+per step, hundreds of steps per trial. On CPU,
 :class:`PrefetchLoader` does both on a background thread, one or two batches ahead, on another core.
 (On a GPU the crop is a few kernels queued on the device, so the loader there only reads.)
 

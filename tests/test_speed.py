@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
+import wandb
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from torch.utils.data import DataLoader
@@ -277,7 +278,8 @@ def test_each_search_trial_has_its_own_wandb_run_pruned_or_not(tmp_path, monkeyp
     with pytest.raises(optuna.TrialPruned):
         trial.run(cfg)
     wait_for_runs()
-    first, pruned = _wandb_runs(tmp_path)
+    wandb.teardown()  # W&B's service closes each run's file after finish returns: wait for it (exit does too)
+    first, pruned = sorted(_wandb_runs(tmp_path), key=lambda record: b"trial-1" in record)
     for number, record in enumerate((first, pruned)):
         assert b"speed-study" in record and f"trial-{number}".encode() in record and b"optim.lr" in record
         assert b"val_ood/F1-macro_all" in record and b"train/loss" in record
