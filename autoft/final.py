@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from autoft import UserError, atomic_write
-from autoft.finetune import CONF_DIR, build, evaluate, finetune, finish_logger, make_logger
+from autoft.finetune import CONF_DIR, build, evaluate, finetune
+from autoft.loggers import finish_logger, make_logger
 from autoft.model import CLIPClassifier, interpolate
 
 log = logging.getLogger(__name__)

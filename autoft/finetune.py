@@ -6,7 +6,6 @@ and returns the OOD validation metric, which is what a sweeper optimises.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import optuna
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -24,8 +22,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.strategies import SingleDeviceStrategy
-from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
 from autoft.conventions import objective_settings
@@ -107,7 +103,8 @@ class FineTuner(pl.LightningModule):
         return tuple(getattr(self.trainer.datamodule, "test_keys", TEST_KEYS))
 
     def _val_keys(self) -> tuple[str, ...]:
-        """The data module's validation loader names: val_id, val_ood (search trials: see validation_keys)."""
+        """The data module's validation loader names: val_id, val_ood (search trials: see
+        autoft.trial.validation_keys)."""
         return tuple(getattr(self.trainer.datamodule, "val_keys", VAL_KEYS))
 
     def _collect(self, batch, dataloader_idx: int) -> None:
@@ -189,26 +186,6 @@ class FineTuner(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class OptunaPruning(pl.Callback):
-    """Reports the OOD validation metric to the Optuna trial at every validation and stops the run
-    when the study's pruner says so. The trial is reached through the study's storage, so this works
-    whichever Hydra launcher (in-process or other processes) runs the job."""
-
-    def __init__(self, trial, key: str):
-        self.trial, self.key = trial, key
-
-    def on_validation_end(self, trainer: pl.Trainer, module: FineTuner) -> None:
-        if trainer.sanity_checking or self.key not in module.results:
-            return
-        step = trainer.global_step
-        self.trial.set_user_attr("inner_steps", step)  # what the run cost, pruned or not
-        if len(self.trial.study.directions) > 1:
-            return  # Optuna prunes single-objective studies only
-        self.trial.report(module.results[self.key], step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step}: {self.key}={module.results[self.key]:.4f}")
 
 
 def resolve_pretrained(cfg: DictConfig) -> str | None:
@@ -302,54 +279,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-class KeepOnDevice(SingleDeviceStrategy):
-    """One device, and the model stays there when a fit or test ends.
-
-    Lightning's teardown copies the module and the optimizer state to the host after every fit and
-    test, and the next fit copies the module back: for a search's trials, which reuse one model, that
-    is the model, its theta0 copy and AdamW's state across the bus per trial (ViT-B/16, image tower
-    trained: about 2.5 GB by parameter count).
-    Here the optimizer state is dropped instead (a trial's optimizer is not used again) and the rest of
-    Lightning's teardown runs as usual.
-    """
-
-    def teardown(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.state.clear()
-        self.precision_plugin.teardown()
-        assert self.accelerator is not None
-        self.accelerator.teardown()
-        self.checkpoint_io.teardown()
-
-
-def _single_device(kwargs: dict[str, Any]) -> torch.device | None:
-    """The device a one-device Trainer with these arguments trains on, if it is a CUDA GPU or the CPU."""
-    if kwargs.get("strategy", "auto") != "auto" or kwargs.get("devices") != 1 or kwargs.get("num_nodes", 1) != 1:
-        return None
-    accelerator = kwargs.get("accelerator", "auto")
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if accelerator == "cpu" or (accelerator == "auto" and not torch.backends.mps.is_available()):
-        return torch.device("cpu")
-    return None
-
-
-def make_trainer(cfg: DictConfig, logger=None, keep_on_device: bool = False, **overrides) -> pl.Trainer:
-    """The configured Trainer. ``keep_on_device``: on one device, the model stays there after fit and test
-    (:class:`KeepOnDevice`), for a model that the next run in this process reuses."""
+def make_trainer(cfg: DictConfig, logger=None, **overrides) -> pl.Trainer:
+    """The configured Trainer; ``overrides``: any other ``pl.Trainer`` arguments (a search trial's strategy)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) | overrides
     if kwargs.get("precision") == "auto":  # bf16 autocast where a GPU exists, fp32 on CPU
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-    if keep_on_device and (device := _single_device(kwargs)) is not None:
-        kwargs["strategy"] = KeepOnDevice(device)
     return pl.Trainer(logger=logger if logger is not None else False, **kwargs)
 
 
 def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logger=None,
-             callbacks: list[pl.Callback] | None = None, keep_on_device: bool = False) -> FineTuner:
+             callbacks: list[pl.Callback] | None = None, **trainer_overrides) -> FineTuner:
     """Fine-tune ``model`` in place with the configured objective; validate and (optionally) test.
-    ``keep_on_device``: leave the model on its device afterwards (see :func:`make_trainer`)."""
+    ``trainer_overrides``: other ``pl.Trainer`` arguments (see :func:`make_trainer`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     compile_norms = cfg.model.get("compile_norm_grads", cfg.model.get("compile", False))
     settings = objective_settings(cfg, model)  # convention, per-layer-group norm weights
@@ -359,7 +301,7 @@ def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logg
     except ValueError as e:
         raise UserError(f"objective: {e}") from None
     module = FineTuner(model, objective, data.evaluate, layer_groups=cfg.model.get("layer_groups"), **cfg.optim)
-    trainer = make_trainer(cfg, logger, keep_on_device, callbacks=callbacks or [])
+    trainer = make_trainer(cfg, logger, callbacks=callbacks or [], **trainer_overrides)
     trainer.fit(module, datamodule=data)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
         # keep the epoch that is best on the monitored (ID validation) metric
@@ -383,84 +325,10 @@ def evaluate(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule,
     return module.results
 
 
-def wandb_offline() -> bool:
-    """No login, no prompt: W&B runs offline (``wandb sync`` later) unless WANDB_MODE says otherwise."""
-    if "WANDB_MODE" in os.environ:
-        return False
-    netrc = Path.home() / ".netrc"
-    logged_in = "WANDB_API_KEY" in os.environ or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return not logged_in
-
-
-def make_logger(cfg: DictConfig, trial=None, **wandb_run: str):
-    """The configured Lightning logger; a W&B run is grouped by study and named after its trial
-    (or by ``wandb_run``: group, name, job_type)."""
-    if not cfg.get("logger"):
-        return None
-    extra: dict[str, Any] = {}
-    if cfg.logger._target_.endswith("WandbLogger"):
-        extra["offline"] = wandb_offline()
-        if trial is not None:
-            extra.update(group=trial.study.study_name, name=f"trial-{trial.number}", job_type="trial")
-        extra.update(wandb_run)
-    logger = hydra.utils.instantiate(cfg.logger, **extra)
-    params = OmegaConf.to_container(cfg, resolve=True)
-    if trial is not None:
-        params["trial"] = {"number": trial.number, "params": trial.params}
-    logger.log_hyperparams(params)
-    return logger
-
-
-@rank_zero_only
-def finish_logger(logger, results: dict[str, float]) -> None:
-    """Final metrics as the run's summary; close a W&B run so the next job in this process starts clean.
-    Rank 0 only: under DDP the other ranks' W&B experiment is a stand-in without a summary."""
-    if type(logger).__name__ == "WandbLogger":
-        logger.experiment.summary.update(results)
-        logger.experiment.finish()
-
-
-def validation_keys(cfg: DictConfig, search: bool) -> tuple[str, ...]:
-    """What a run validates on: val_id and val_ood; a search trial only val_ood, unless it returns val_id.
-
-    Trials are scored and pruned on val_ood alone; the ID split would add 60% to every trial's
-    evaluation on the embedded world (600 more images each time), a cost paid by hundreds of trials.
-    """
-    return VAL_KEYS if not search or "val_id" in cfg.returns else ("val_ood",)
-
-
-def run(cfg: DictConfig) -> float | list[float]:
-    """One fine-tuning run; writes ``results.json``; returns the metric(s) named by ``cfg.returns``.
-
-    Run by the sweeper, the job finds its Optuna trial through the storage, reports the OOD
-    validation metric at every validation and raises ``optuna.TrialPruned`` when pruned.
-    """
-    from hydra_plugins.autoft_optuna_sweeper import trial_from_config
-
-    trial = trial_from_config(cfg)
-    model, data = build(cfg, reuse=True)  # the next trial in this process reuses model and data
-    data.val_keys = validation_keys(cfg, search=trial is not None)
-    logger = make_logger(cfg, trial)
-    metric = cfg.dataset.get("search_metric") or cfg.dataset.metric  # few-shot: neg_ce (accuracy is too coarse)
-    key = f"val_ood/{metric}"
-    callbacks = [OptunaPruning(trial, key)] if trial is not None else []
-    module = finetune(cfg, model, data, logger, callbacks, keep_on_device=True)  # the next trial starts there
-    finish_logger(logger, module.results)
-    if module.trainer.is_global_zero:  # DDP: every rank has the same results; one writes them
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "results.json", json.dumps(module.results, indent=1, sort_keys=True))
-    keys = [f"{split}/{metric}" for split in cfg.returns]
-    missing = [k for k in keys if k not in module.results]
-    if missing:
-        raise UserError(f"metric(s) {missing} not produced; available: {sorted(module.results)}")
-    values = [module.results[k] for k in keys]
-    log.info("%s", ", ".join(f"{k} = {v:.4f}" for k, v in zip(keys, values, strict=True)))
-    return values[0] if len(values) == 1 else values
-
-
 @hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> float | list[float]:
+    from autoft.trial import run
+
     try:
         return run(cfg)
     except UserError as e:

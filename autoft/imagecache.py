@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from autoft import UserError
+from autoft.prefetch import PrefetchLoader
 from autoft.tensorprep import TensorPrep, model_input, train_prep
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def image_cache(name: str, signature: dict[str, Any], images: Dataset, prep: Ten
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source), *first.shape))
-        loader = DataLoader(source, batch_size=64, num_workers=num_workers, collate_fn=_stack)
+        # its own generator: written inside a trial, the cache must not draw from the trial's seeded RNG
+        loader = DataLoader(source, batch_size=64, num_workers=num_workers, collate_fn=_stack,
+                            generator=torch.Generator())
         start = 0
         for batch in loader:
             for offset, image in enumerate(batch):
@@ -201,11 +204,20 @@ class CachedLoaders:
         if key not in self._loaders:
             data, train = self.cached[key].ensure(), key == "train"
             bs = self.batch_size if train else self.eval_batch_size
-            self._loaders[key] = DataLoader(
+            self._loaders[key] = PrefetchLoader(
                 data, batch_size=bs, shuffle=train, drop_last=train and len(data) > bs, collate_fn=_batch,
                 num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                pin_memory=torch.cuda.is_available())
+                pin_memory=torch.cuda.is_available(), prepare=self._train_input if train and self._on_cpu() else None)
         return self._loaders[key]
+
+    def _on_cpu(self) -> bool:
+        """Training on the CPU: the train loader then makes the model's input itself (see autoft.prefetch)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cpu"
+
+    def _train_input(self, batch, generator: torch.Generator):
+        x, y, meta = batch
+        return model_input(x, self.train_prep, train=True, generator=generator), y, meta
 
     def _eval_dataset(self, key: str) -> Dataset:
         """Split ``key`` read from its files through the eval transform (the train split too)."""

@@ -104,7 +104,7 @@ def log_report_to_wandb(out: Path, group: str, rows: dict[str, dict[str, float]]
     """The report (tables, plots, best params) as a W&B artifact in the study's group; offline without login."""
     import wandb
 
-    from autoft.finetune import wandb_offline
+    from autoft.loggers import wandb_offline
 
     run = wandb.init(project="autoft", group=group, name="report", job_type="report", dir=str(out),
                      mode="offline" if wandb_offline() else None)

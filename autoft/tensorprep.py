@@ -100,9 +100,11 @@ def train_prep(transform: Callable, cached: TensorPrep, size: tuple[int, int]) -
 
 
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float],
-                        ratio: tuple[float, float], mode: str = "bilinear", flip: float = 0.0) -> torch.Tensor:
+                        ratio: tuple[float, float], mode: str = "bilinear", flip: float = 0.0,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
     """torchvision's RandomResizedCrop (and horizontal flip) for a float batch [B, C, H, W], one crop per
-    image, in one ``grid_sample`` on the batch's device with the global RNG (seeded by the trial's seed).
+    image, in one ``grid_sample`` on the batch's device with ``generator`` or the global RNG (seeded by the
+    trial's seed).
 
     The same distribution of crop boxes (area in ``scale``, log-uniform aspect ratio in ``ratio``, 10
     tries, then the whole image), but boxes are not rounded to whole pixels and the crop is read from
@@ -111,8 +113,9 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[flo
     """
     b, _, h, w = x.shape
     dev = x.device
-    area = torch.empty(b, 10, device=dev).uniform_(*scale) * (h * w)
-    aspect = torch.exp(torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    area = torch.empty(b, 10, device=dev).uniform_(*scale, generator=generator) * (h * w)
+    aspect = torch.exp(torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                               generator=generator))
     cw, ch = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
     ok = (cw <= w) & (ch <= h)
     first = ok.int().argmax(dim=1, keepdim=True)
@@ -124,12 +127,12 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[flo
         fw = h * max(ratio)
     cw = torch.where(found, cw.gather(1, first).squeeze(1), fw)
     ch = torch.where(found, ch.gather(1, first).squeeze(1), fh)
-    pos = torch.rand(b, 2, device=dev)
+    pos = torch.rand(b, 2, device=dev, generator=generator)
     top = torch.where(found, pos[:, 0] * (h - ch), (h - ch) / 2)
     left = torch.where(found, pos[:, 1] * (w - cw), (w - cw) / 2)
     sx, sy = cw / w, ch / h
     if flip > 0:
-        sx = torch.where(torch.rand(b, device=dev) < flip, -sx, sx)
+        sx = torch.where(torch.rand(b, device=dev, generator=generator) < flip, -sx, sx)
     theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 1, 1] = sx, sy
     theta[:, 0, 2], theta[:, 1, 2] = (2 * left + cw) / w - 1, (2 * top + ch) / h - 1
@@ -140,14 +143,15 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[flo
 _NORM_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def model_input(images: torch.Tensor, prep: TensorPrep, train: bool = False) -> torch.Tensor:
+def model_input(images: torch.Tensor, prep: TensorPrep, train: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Cached uint8 images [B, H, W, 3] (on any device) -> the model's float input [B, 3, H', W'] in
     channels_last memory: the same values as ToTensor + Normalize of the PIL path, plus the train
     transform's random crop and flip when ``train``."""
     x = images.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
     if train and (prep.crop is not None or prep.flip > 0):
         size, scale, ratio, mode = prep.crop or (tuple(x.shape[2:]), (1.0, 1.0), (1.0, 1.0), "nearest")
-        x = random_resized_crop(x, size, scale, ratio, mode, prep.flip).clamp_(0, 255)
+        x = random_resized_crop(x, size, scale, ratio, mode, prep.flip, generator).clamp_(0, 255)
         x = x.contiguous(memory_format=torch.channels_last)
     key = (prep.mean, prep.std, x.device)
     if key not in _NORM_CONSTANTS:

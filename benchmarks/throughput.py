@@ -9,11 +9,13 @@ Three sections, printed as markdown tables (and written as JSON with ``--out``):
   and trained (eager, also with only the norm gradients compiled: ``model.compile_norm_grads``), and
   all nine terms. Each objective's ratio is to plain CE of the same run and model.
   Random weights (speed does not depend on them).
-* **trial**: the embedded world's default search (``search=embedded``, read from the composed
-  config: inner steps, validation interval, batch, OOD-val size), trials run in one process as the
-  basic launcher runs them; the first trial builds, later ones reuse model and data. Per trial:
-  wall time, training steps, validation, reset (build/restore), waiting for the next training batch, and
-  the rest (trainer, logger, Lightning's loop).
+* **trial**: the embedded world's default search (``python -m autoft.finetune -m search=embedded``, run
+  in this process as the basic launcher runs it; the first trial builds, later ones reuse model and
+  data), each trial's time split into named phases: Optuna trial, reset, logger, objective, trainer,
+  Lightning's set-up, first batch, training steps, batch wait (loader, copy, device transform,
+  Lightning's loop), validation, pruning report, teardown, logger finish, results file
+  (``benchmarks/trial_overhead.py``; ``--sections trial --out DIR`` writes ``trial-overhead.json`` and
+  ``.md``, other sections with it ``throughput.json`` and ``.md``).
 * **data**: images/s of the data path on one CPU core: decoding 1920x1080 JPEGs and applying the
   model's eval transform with PIL, against reading the uint8 preprocessing cache and making the
   model's input (random resized crop, normalise) on the device.
@@ -24,6 +26,7 @@ time, and each ratio the median over rounds of that round's CE step time over th
 shared machine's load drift cancels). The step is FineTuner's, written out without Lightning's loop.
 
     python benchmarks/throughput.py                                 # CPU, tiny CLIP
+    python benchmarks/throughput.py --threads 1 --sections trial --trials 6 --out DIR   # the trial breakdown
     python benchmarks/throughput.py --device cuda --model vit_b16 [--compile] --out DIR
 """
 
@@ -41,9 +44,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from trial_overhead import bench_trial, markdown
 
 # model key -> open_clip name, conf/model option, classes of the synthetic step benchmark
 # (the embedded world's 10; iWildCam's 182 for ViT-B/16)
@@ -182,80 +185,6 @@ def profile_step(args, batch, model, objective, optimizer, check_first: bool) ->
     return out
 
 
-class TrialTimer(pl.Callback):
-    """Seconds within one fit: in training batches, in validation, and waiting for the next training batch
-    (the loader: from the start of training or the end of the last batch or validation)."""
-
-    def __init__(self, device: str):
-        self.device, self.train, self.val, self.wait = device, 0.0, 0.0, 0.0
-
-    def _now(self) -> float:
-        _sync(self.device)
-        return time.perf_counter()
-
-    def on_train_start(self, *a) -> None:
-        self.mark = self._now()
-
-    def on_train_batch_start(self, *a) -> None:
-        self.t = self._now()
-        self.wait += self.t - self.mark
-
-    def on_train_batch_end(self, *a) -> None:
-        self.mark = self._now()
-        self.train += self.mark - self.t
-
-    def on_validation_start(self, *a) -> None:
-        self.v = self._now()
-
-    def on_validation_end(self, *a) -> None:
-        self.mark = self._now()
-        self.val += self.mark - self.v
-
-
-def bench_trial(args, out: Path) -> dict:
-    """Trials of the embedded world's default search in one process (as the basic launcher runs them)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from autoft.finetune import CONF_DIR, build, finetune, finish_logger, make_logger, validation_keys
-
-    _, option, _ = MODELS[args.model]
-    overrides = ["search=embedded", f"model={option}", f"logger={args.logger}", f"output_dir={out}",
-                 f"model.compile={str(args.compile).lower()}", f"model.channels_last={str(args.channels_last).lower()}",
-                 "trainer.enable_progress_bar=false", *args.trial_override]
-    if args.model != "tiny":
-        overrides.append("model.pretrained=null")  # random weights: speed only
-    if args.device == "cpu":
-        overrides.append("trainer.accelerator=cpu")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("finetune", overrides=overrides)
-    with open_dict(cfg):
-        cfg.logger.save_dir = str(out)
-    trials = []
-    for i in range(args.trials):
-        t0 = time.perf_counter()
-        model, data = build(cfg, reuse=True)  # what run() does for each trial
-        data.val_keys = validation_keys(cfg, search=True)
-        reset = time.perf_counter() - t0
-        timer = TrialTimer(args.device)
-        logger = make_logger(cfg)
-        module = finetune(cfg, model, data, logger, callbacks=[timer], keep_on_device=True)  # as run() does
-        finish_logger(logger, module.results)
-        total = time.perf_counter() - t0
-        trials.append({"trial": i, "total_s": total, "train_s": timer.train, "eval_s": timer.val, "reset_s": reset,
-                       "wait_s": timer.wait, "other_s": total - timer.train - timer.val - timer.wait - reset})
-        log.info("trial %d: %s", i, {k: round(v, 3) for k, v in trials[-1].items()})
-    later = trials[1:] or trials  # the first trial builds the model and the cache
-    med = {k: statistics.median(t[k] for t in later)
-           for k in ("total_s", "train_s", "eval_s", "reset_s", "wait_s", "other_s")}
-    return {"config": {"inner_steps": cfg.search.inner_steps, "eval_every": cfg.search.eval_every,
-                       "batch_size": cfg.dataset.batch_size, "ood_val_size": cfg.dataset.ood_val_size,
-                       "logger": args.logger, "model": cfg.model.name},
-            "trials": trials, "median_later": med,
-            "fixed_share": (med["total_s"] - med["train_s"]) / med["total_s"],
-            "reset_eval_share": (med["reset_s"] + med["eval_s"]) / med["total_s"]}
-
-
 class Files(Dataset):
     def __init__(self, paths: list[Path]):
         self.paths = paths
@@ -348,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--trials", type=int, default=3, help="search trials in one process (the first builds)")
     p.add_argument("--trial-override", action="append", default=[], help="extra Hydra override for the trials")
-    p.add_argument("--logger", default="csv", help="trials' logger: csv, or wandb as the search's default")
+    p.add_argument("--logger", default="wandb", help="trials' logger: wandb (the search's default, offline), or csv")
     p.add_argument("--jpegs", type=int, default=200)
     p.add_argument("--cache-epochs", type=int, default=20)
     p.add_argument("--sections", default="steps,trial,data")
@@ -391,17 +320,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in report["steps"]:
                 r.pop("top", None)
         if "trial" in sections:
-            report["trial"] = t = bench_trial(args, Path(tmp) / "trial")
-            c, m = t["config"], t["median_later"]
-            lines += [f"Search trials ({c['inner_steps']} steps of batch {c['batch_size']}, validation every "
-                      f"{c['eval_every']}, OOD-val {c['ood_val_size']} images, logger {c['logger']}); seconds, "
-                      f"median of trials 2..{args.trials}:", "",
-                      table([m | {"fixed": t["fixed_share"], "reset_eval": t["reset_eval_share"]}],
-                            [("total_s", "trial", ".2f"), ("train_s", "train steps", ".2f"),
-                             ("eval_s", "validation", ".2f"), ("reset_s", "reset", ".3f"),
-                             ("wait_s", "batch wait", ".2f"), ("other_s", "other", ".2f"),
-                             ("reset_eval", "reset+eval share", ".1%"),
-                             ("fixed", "all but steps share", ".1%")]), ""]
+            report["trial"] = bench_trial(args, MODELS[args.model][1], Path(tmp) / "trial")
+            trial_md = markdown(report["trial"])
+            lines += [trial_md]
+            if args.out and sections == {"trial"}:  # with other sections it is in throughput.{json,md}
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "trial-overhead.json").write_text(json.dumps(report["trial"] | {"setup": head}, indent=1))
+                (args.out / "trial-overhead.md").write_text(f"### {head}\n\n{trial_md}")
         if "data" in sections:
             report["data"] = bench_data(args, Path(tmp))
             lines += [f"Data path, one CPU core, {args.jpegs} images:", "",
@@ -409,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                              ("ratio_to_jpeg", "x JPEG", ".1f")]), ""]
     text = "\n".join(lines)
     print(text)
-    if args.out:
+    if args.out and sections != {"trial"}:  # the trial section alone writes trial-overhead.{json,md}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "throughput.json").write_text(json.dumps(report, indent=1))
         (args.out / "throughput.md").write_text(text + "\n")

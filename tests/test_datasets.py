@@ -31,7 +31,8 @@ from autoft import UserError
 from autoft.datacheck import main as datacheck
 from autoft.datasets import make_data
 from autoft.final import final_train
-from autoft.finetune import CONF_DIR, build, finetune, run
+from autoft.finetune import CONF_DIR, build, finetune
+from autoft.trial import run
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark"]

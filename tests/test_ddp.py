@@ -30,7 +30,7 @@ DDP = ["trainer.accelerator=cpu", "+trainer.strategy=ddp", "trainer.devices=2"]
 SPY = '''
 import importlib, os
 import torch
-import autoft.final, autoft.finetune
+import autoft.final, autoft.finetune, autoft.trial
 
 def note(line):
     with open(os.environ["SPY_LOG"], "a") as f:
@@ -44,7 +44,7 @@ def spying(write):
     return spy
 
 note(f"start {os.environ.get('LOCAL_RANK', '0')}")
-for module in (autoft.final, autoft.finetune):
+for module in (autoft.final, autoft.finetune, autoft.trial):
     module.atomic_write = spying(module.atomic_write)
 importlib.import_module(os.environ["SPY_APP"]).main()
 '''

@@ -13,8 +13,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from autoft.finetune import CONF_DIR, FineTuner, build, evaluate, finetune, run
+from autoft.finetune import CONF_DIR, FineTuner, build, evaluate, finetune
 from autoft.objective import CompositeObjective
+from autoft.trial import run
 from tests.conftest import overrides
 
 

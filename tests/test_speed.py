@@ -1,20 +1,27 @@
-"""Speed work that must not change results: short caption tokens, the preprocessing cache, trials without reload."""
+"""Speed work that must not change results: short caption tokens, the preprocessing cache, trials without reload,
+batches made ahead on a thread, W&B runs written after their trial."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
+import wandb
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
+from torch.utils.data import DataLoader
 
 import autoft.finetune as ft
+import autoft.trial as trial
 from autoft.data import WildsDataModule
 from autoft.datasets import ArrayImages, ClassificationDataModule, Split
+from autoft.loggers import wait_for_runs
 from autoft.model import CLIPClassifier, load_clip
+from autoft.prefetch import PrefetchLoader
 from autoft.tensorprep import eval_prep, model_input, random_resized_crop
 from tests.conftest import overrides
 
@@ -159,14 +166,14 @@ def test_second_trial_in_one_process_reuses_the_model_and_equals_a_fresh_run(tmp
     first = _cfg(tmp_path / "a", "objective=robust", "optim.lr=1e-3", "seed=1")  # l2init, flyp: moves theta
     second = _cfg(tmp_path / "b", "+objective.weights.l1init=0.01", "optim.lr=5e-4", "seed=2")
     ft._BUILT.clear()
-    ft.run(first)
+    trial.run(first)
     model = next(iter(ft._BUILT.values()))[0]
-    ft.run(second)
+    trial.run(second)
     assert len(loads) == 1 and next(iter(ft._BUILT.values()))[0] is model  # no reload: same model object
     reused = json.loads((tmp_path / "b" / "results.json").read_text())
     reused_state = {k: v.clone() for k, v in model.state_dict().items()}
     ft._BUILT.clear()  # a fresh process: nothing kept
-    ft.run(_cfg(tmp_path / "c", "+objective.weights.l1init=0.01", "optim.lr=5e-4", "seed=2"))
+    trial.run(_cfg(tmp_path / "c", "+objective.weights.l1init=0.01", "optim.lr=5e-4", "seed=2"))
     assert len(loads) == 2
     fresh = json.loads((tmp_path / "c" / "results.json").read_text())
     assert reused == fresh and "val_ood/neg_ce" in fresh  # a continuous metric: any difference would show
@@ -185,23 +192,96 @@ def test_trials_leave_the_model_on_its_device_and_drop_the_optimizer_state(tmp_p
     module = ft.finetune(cfg, model, data)  # Lightning's own teardown, for contrast
     assert moves and module.trainer.optimizers[0].state
     moves.clear()
-    module = ft.finetune(cfg, model, data, keep_on_device=True)
-    assert isinstance(module.trainer.strategy, ft.KeepOnDevice) and module.trainer.global_step == 2
+    module = ft.finetune(cfg, model, data, **trial.keep_on_device({"devices": 1, "accelerator": "cpu"}))
+    assert isinstance(module.trainer.strategy, trial.KeepOnDevice) and module.trainer.global_step == 2
     assert not moves and not module.trainer.optimizers[0].state
     ft._BUILT.clear()
-    ft.run(cfg)  # a search trial
+    trial.run(cfg)  # a search trial
     assert not moves
     # only a plain one-device trainer gets it; DDP, several devices and other accelerators keep their own
-    assert ft._single_device({"devices": 1, "accelerator": "cpu"}) == torch.device("cpu")
+    assert trial._single_device({"devices": 1, "accelerator": "cpu"}) == torch.device("cpu")
     for other in ({"devices": 2}, {"devices": 1, "strategy": "ddp"}, {"devices": 1, "num_nodes": 2},
                   {"devices": 1, "accelerator": "mps"}):
-        assert ft._single_device({"accelerator": "auto"} | other) is None
+        assert trial._single_device({"accelerator": "auto"} | other) is None
 
 
 def test_search_trials_validate_only_what_they_are_scored_on(tmp_path):
     cfg = _cfg(tmp_path)
-    assert ft.validation_keys(cfg, search=False) == ("val_id", "val_ood")
-    assert ft.validation_keys(cfg, search=True) == ("val_ood",)
+    assert trial.validation_keys(cfg, search=False) == ("val_id", "val_ood")
+    assert trial.validation_keys(cfg, search=True) == ("val_ood",)
     with open_dict(cfg):
         cfg.returns = ["val_id", "val_ood"]
-    assert ft.validation_keys(cfg, search=True) == ("val_id", "val_ood")
+    assert trial.validation_keys(cfg, search=True) == ("val_id", "val_ood")
+
+
+def _noisy(batch, generator):
+    """A stand-in for the crop: the batch plus noise from the loader's generator."""
+    return batch + torch.rand(batch.shape, generator=generator)
+
+
+def test_prefetched_batches_follow_the_seed_alone_and_equal_the_same_work_done_in_order():
+    data = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    loader = PrefetchLoader(data, batch_size=4, shuffle=True, prepare=_noisy)
+    torch.manual_seed(3)
+    ahead = [b.clone() for b in loader]
+    torch.manual_seed(3)
+    again = list(loader)
+    # the same work in the main thread: one draw from the seeded global RNG, then shuffle and noise from it
+    torch.manual_seed(3)
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    order = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    crops = torch.Generator().manual_seed(seed + 1)
+    in_order = [_noisy(b, crops) for b in order]
+    assert len(ahead) == 5 and all(torch.equal(a, b) for a, b in zip(ahead, again, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ahead, in_order, strict=True))
+    torch.manual_seed(4)
+    assert not torch.equal(next(iter(loader)), ahead[0])
+
+
+def test_prefetch_thread_stops_when_an_epoch_is_left_and_raises_in_the_main_thread():
+    data = torch.zeros(64, 2)
+    batches = iter(PrefetchLoader(data, batch_size=2, prepare=_noisy))
+    next(batches)  # Lightning leaves the epoch at max_steps, mid-way
+    thread = batches.thread
+    del batches
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+    def broken(batch, generator):
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        next(iter(PrefetchLoader(data, batch_size=2, prepare=broken)))
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def _wandb_runs(folder) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def test_each_search_trial_has_its_own_wandb_run_pruned_or_not(tmp_path, monkeypatch):
+    """A trial's W&B run is written after the trial (grouped by study, named after the trial, its params in
+    the config, its final metrics in the summary); a pruned trial's run is closed too, so the next trial
+    does not log into it."""
+    cfg = _cfg(tmp_path, "logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=1")
+    study = optuna.create_study(study_name="speed-study", direction="maximize")
+    trials = []
+    monkeypatch.setattr(trial, "trial_from_config", lambda cfg: trials[-1])
+    trials.append(study.ask({"optim.lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}))
+    value = trial.run(cfg)
+    study.tell(trials[-1], value)
+    study.pruner = _AlwaysPrune()
+    trials.append(study.ask({"optim.lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}))
+    with pytest.raises(optuna.TrialPruned):
+        trial.run(cfg)
+    wait_for_runs()
+    wandb.teardown()  # W&B's service closes each run's file after finish returns: wait for it (exit does too)
+    first, pruned = sorted(_wandb_runs(tmp_path), key=lambda record: b"trial-1" in record)
+    for number, record in enumerate((first, pruned)):
+        assert b"speed-study" in record and f"trial-{number}".encode() in record and b"optim.lr" in record
+        assert b"val_ood/F1-macro_all" in record and b"train/loss" in record
+    assert b"finished" in first and b"pruned" in pruned and b"trial-0" not in pruned
