@@ -58,22 +58,24 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
 
 
-def search_space(search: str, overrides: list[str]):
-    """The search config's distributions, parsed by the sweeper exactly as a search would."""
+def search_space(search: str, overrides: list[str], replace: list[str] = ()):
+    """The search config's distributions, parsed by the sweeper exactly as a search would; ``replace`` lines
+    (``key=spec``, as in ``hydra.sweeper.params``) win over the config's."""
     from omegaconf import OmegaConf
 
     from hydra_plugins.autoft_optuna_sweeper.optuna_sweeper import parse_search_space
 
     cfg = _compose("finetune", [f"search={search}", *overrides], hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
-    return parse_search_space([f"{k}={v}" for k, v in params.items()])
+    return parse_search_space([*(f"{k}={v}" for k, v in params.items()), *replace])
 
 
-def sample_points(search: str, overrides: list[str], n: int, seed: int) -> dict[str, dict[str, Any]]:
+def sample_points(search: str, overrides: list[str], replace: list[str], n: int,
+                  seed: int) -> dict[str, dict[str, Any]]:
     """``n`` objectives drawn independently (Optuna's seeded RandomSampler) from the search space."""
     import optuna
 
-    space = search_space(search, overrides)
+    space = search_space(search, overrides, replace)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     points = {}
@@ -84,9 +86,9 @@ def sample_points(search: str, overrides: list[str], n: int, seed: int) -> dict[
     return points
 
 
-def named_points(search: str, overrides: list[str], seed: int) -> dict[str, dict[str, Any]]:
+def named_points(search: str, overrides: list[str], replace: list[str], seed: int) -> dict[str, dict[str, Any]]:
     """The hand-set points as params of the space: each method config's weights, lr and weight decay."""
-    space = search_space(search, overrides)
+    space = search_space(search, overrides, replace)
     searched = set(space.keys.values())
     points = {}
     for name, method, extra in NAMED:
@@ -108,9 +110,11 @@ def _moved(model, pretrained: dict) -> float:
 def run_point(params: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """One objective: an inner run per (budget, schedule), as a search trial runs, then the final run."""
     import torch
+    from omegaconf import OmegaConf
 
     from autoft.final import final_train
     from autoft.finetune import VAL_KEYS, build, finetune
+    from autoft.trial import keep_on_device
 
     given = [_override(k, v) for k, v in params.items()]
     row: dict[str, Any] = {"params": params, "inner": {}}
@@ -124,7 +128,7 @@ def run_point(params: dict[str, Any], args: argparse.Namespace, out: Path) -> di
             pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
             data.val_keys = VAL_KEYS  # a search trial scores val_ood alone; ID val tells a collapse here
             try:
-                module = finetune(cfg, model, data, keep_on_device=True)
+                module = finetune(cfg, model, data, **keep_on_device(OmegaConf.to_container(cfg.trainer)))
                 res, metric = module.results, cfg.dataset.get("search_metric") or cfg.dataset.metric
                 inner = {"score": res[f"val_ood/{metric}"], "val_id": res[f"val_id/{cfg.dataset.metric}"],
                          "moved": _moved(model, pretrained)}
@@ -285,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--search", default="embedded", help="search config whose space is sampled and run")
     parser.add_argument("--n", type=int, default=24, help="objectives sampled from the space")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
+                        help="replace a searched param's range, e.g. 'optim.lr=tag(log, interval(1e-6, 1e-2))'")
     parser.add_argument("--sample-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="the named points' seed")
     parser.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100], help="inner steps")
@@ -303,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     (args.out / "rows").mkdir(parents=True, exist_ok=True)
     if not points_file.is_file():
-        points = named_points(args.search, args.overrides, args.seed) | sample_points(
-            args.search, args.overrides, args.n, args.sample_seed)
+        points = named_points(args.search, args.overrides, args.param, args.seed) | sample_points(
+            args.search, args.overrides, args.param, args.n, args.sample_seed)
         atomic_write(points_file, json.dumps(points, indent=1))
     points = json.loads(points_file.read_text())
     zs_file = args.out / "zero_shot.json"
