@@ -147,7 +147,7 @@ def search_overrides(cfg: DictConfig, job_overrides: list[str]) -> list[str]:
                         (("trials", "hydra.sweeper.n_trials"), ("inner_steps", "search.inner_steps")) if name in budget]
     name = f"autoft-{cfg.study}-{cfg.method.name}-seed{cfg.seed}"
     ordered = [f"search={cfg.method.search}", *keep, *budget_overrides, f"hydra.sweeper.study_name={name}",
-               f"hydra.sweeper.sampler.seed={cfg.seed}", f"hydra.sweeper.sampler.name={cfg.method.sampler}",
+               f"hydra.sweeper.sampler.seed={cfg.seed}", f"hydra/sweeper/sampler={cfg.method.sampler}",
                *cfg.method.search_overrides]
     last = {_key(o): i for i, o in enumerate(ordered)}
     return [o for i, o in enumerate(ordered) if last[_key(o)] == i]
