@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
 
@@ -52,8 +53,6 @@ def test_a_successful_trial_is_left_alone():
 def test_the_search_configs_register_it():
     from hydra import compose, initialize_config_dir
 
-    from autoft.finetune import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=["search=embedded"], return_hydra_config=True)
     assert cfg.hydra.callbacks.free_failed_trial._target_ == "autoft.hydra_callbacks.FreeFailedTrial"

@@ -264,3 +264,18 @@ def test_launcher_configs_compose_and_instantiate(launcher, target, parallel_key
         assert cfg.hydra.launcher._target_.endswith(target)
         assert cfg.hydra.launcher[parallel_key] == 8
         assert type(instantiate(cfg.hydra.launcher)).__name__ == target.rsplit(".", 1)[1]
+
+
+@pytest.mark.parametrize("search", ["autoft", "embedded"])
+def test_project_search_configs_resolve_before_hydra_sets_its_config(search):
+    """Hydra builds the sweeper, and the sweeper reads the sweep dir, before HydraConfig is set (multirun sets it
+    per job): those keys cannot use the ${hydra:...} resolver, which crashed search=autoft at its start."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[f"search={search}"], return_hydra_config=True)
+    HydraConfig.instance().cfg = None
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    assert sweeper["study_name"] == ("autoft-embedded-tiny_clip" if search == "autoft" else "autoft-embedded-seed0")
+    assert str(cfg.hydra.sweep.dir).startswith("outputs/search/embedded-")
