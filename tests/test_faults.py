@@ -31,7 +31,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import overrides
+from tests.conftest import FAKE_APP_HYDRA, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter[str] = Counter()
@@ -43,18 +43,7 @@ y: 0.0
 fault: none
 sleep: 0.0
 marks: ''
-hydra:
-  sweeper:         # as conf/search/autoft.yaml sets them
-    direction: maximize
-    n_jobs: 1
-    pass_trial: true
-    sampler: {seed: 0}
-    max_failure_rate: 0.5
-    failure_rate_min_trials: 5
-    params:
-      x: interval(-5, 5)
-      y: interval(-5, 5)
-"""
+""" + FAKE_APP_HYDRA
 
 # A fast stand-in for a fine-tuning job: the faults are raised where a real job would raise them.
 APP = """\

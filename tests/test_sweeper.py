@@ -17,6 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.autoft_optuna_sweeper import trial_from_config
+from tests.conftest import FAKE_APP_HYDRA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,18 +25,7 @@ CONFIG = """\
 x: 0.0
 y: 0.0
 mode: quad
-hydra:
-  sweeper:         # as conf/search/autoft.yaml sets them
-    direction: maximize
-    n_jobs: 1
-    pass_trial: true
-    sampler: {seed: 0}
-    max_failure_rate: 0.5
-    failure_rate_min_trials: 5
-    params:
-      x: interval(-5, 5)
-      y: interval(-5, 5)
-"""
+""" + FAKE_APP_HYDRA
 
 APP = """\
 import os
