@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 class UserError(Exception):
     """Bad input from the user (paths, names, data): reported as one line, non-zero exit."""
 
+    # In a search job it ends the whole search, not just the trial (hydra_plugins/autoft_optuna_sweeper/_outcome.py).
+    ends_sweep = True
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes]], object]) -> Path:
     """Write ``data`` (text, bytes, or a function writing to a binary file) to a temporary file next to

@@ -150,7 +150,7 @@ def search_overrides(cfg: DictConfig, job_overrides: list[str]) -> list[str]:
     batch = [f"dataset.batch_size={budget.inner_batch_size}"] if "inner_batch_size" in budget else []
     name = f"autoft-{cfg.study}-{cfg.method.name}-seed{cfg.seed}"
     ordered = [f"search={cfg.method.search}", *batch, *keep, *budget_overrides, f"hydra.sweeper.study_name={name}",
-               f"hydra.sweeper.sampler.seed={cfg.seed}", f"hydra.sweeper.sampler.name={cfg.method.sampler}",
+               f"hydra.sweeper.sampler.seed={cfg.seed}", f"hydra/sweeper/sampler={cfg.method.sampler}",
                *cfg.method.search_overrides]
     last = {_key(o): i for i, o in enumerate(ordered)}
     return [o for i, o in enumerate(ordered) if last[_key(o)] == i]

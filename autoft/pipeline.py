@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT alpha reported in the table")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default outputs/main/seed<S>)")
     parser.add_argument("--search-override", action="append", default=[], metavar="OVERRIDE",
-                        help="extra Hydra override for the search, e.g. hydra.sweeper.pruner.name=median")
+                        help="extra Hydra override for the search, e.g. hydra/sweeper/pruner=median")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. logger=csv")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

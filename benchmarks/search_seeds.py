@@ -21,8 +21,8 @@ import yaml
 from autoft import atomic_write
 from autoft.pipeline import main as pipeline
 
-PRUNING = ["hydra.sweeper.pruner.name=successive_halving", "+hydra.sweeper.pruner.kwargs.min_resource=10",
-           "+hydra.sweeper.pruner.kwargs.reduction_factor=3", "search.eval_every=10"]
+PRUNING = ["hydra/sweeper/pruner=successive_halving", "hydra.sweeper.pruner.min_resource=10",
+           "hydra.sweeper.pruner.reduction_factor=3", "search.eval_every=10"]
 
 
 def inner_steps(run: Path, seed: int) -> int:

@@ -9,6 +9,20 @@ import pytest
 
 TINY_WORLD = {"n_train": 240, "n_id_val": 60, "n_id_test": 80, "n_ood_val": 80, "n_ood_test": 100}
 TINY_PRETRAIN = {"n_web": 256, "steps": 3, "batch_size": 32}
+# The hydra block of the sweeper tests' fake apps: the sweeper keys conf/search/autoft.yaml sets, over a 2-d space.
+FAKE_APP_HYDRA = """\
+hydra:
+  sweeper:         # as conf/search/autoft.yaml sets them
+    direction: maximize
+    n_jobs: 1
+    pass_trial: true
+    sampler: {seed: 0}
+    max_failure_rate: 0.5
+    failure_rate_min_trials: 5
+    params:
+      x: interval(-5, 5)
+      y: interval(-5, 5)
+"""
 
 
 @pytest.fixture(scope="session", autouse=True)

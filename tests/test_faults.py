@@ -31,7 +31,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import overrides
+from tests.conftest import FAKE_APP_HYDRA, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter[str] = Counter()
@@ -43,12 +43,7 @@ y: 0.0
 fault: none
 sleep: 0.0
 marks: ''
-hydra:
-  sweeper:
-    params:
-      x: interval(-5, 5)
-      y: interval(-5, 5)
-"""
+""" + FAKE_APP_HYDRA
 
 # A fast stand-in for a fine-tuning job: the faults are raised where a real job would raise them.
 APP = """\
@@ -205,7 +200,7 @@ def finished_sweep(app, tmp_path_factory) -> Path:
 
 def test_exceptions_and_oom_fail_their_trials_and_the_search_goes_on(app, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    ok(run(app_cmd(app, sweep_dir, "fault=mixed", "hydra.sweeper.n_trials=10", "hydra.sweeper.sampler.name=random",
+    ok(run(app_cmd(app, sweep_dir, "fault=mixed", "hydra.sweeper.n_trials=10", "hydra/sweeper/sampler=random",
                    "hydra.sweeper.max_failure_rate=1.0"), app))
     study = load(sweep_dir)
     errors = Counter(t.user_attrs.get("error") for t in study.trials if t.state == TrialState.FAIL)
@@ -222,7 +217,7 @@ def test_exceptions_and_oom_fail_their_trials_and_the_search_goes_on(app, tmp_pa
 def test_non_finite_loss_prunes_the_trial_with_its_reason(tmp_path):
     """The real inner loop: lr 1e30 makes the loss non-finite; FineTuner raises, the sweeper prunes the trial."""
     sweep_dir = tmp_path / "sweep"
-    ok(run(real_cmd(sweep_dir, "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.name=random",
+    ok(run(real_cmd(sweep_dir, "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random",
                     "optim.lr=choice(1e-4,1e30)"), tmp_path))
     study = load(sweep_dir, "autoft-embedded-seed0")
     diverged = [t for t in study.trials if t.params["optim.lr"] == 1e30]
@@ -241,7 +236,7 @@ def test_non_finite_loss_prunes_the_trial_with_its_reason(tmp_path):
     # The same search resumed with a data root that does not exist: one line, exit 2, reports untouched.
     before = digests(sweep_dir)
     missing = tmp_path / "no-such-root"
-    proc = run(real_cmd(sweep_dir, "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.name=random",
+    proc = run(real_cmd(sweep_dir, "hydra.sweeper.n_trials=6", "hydra/sweeper/sampler=random",
                         "optim.lr=choice(1e-4,1e30)", f"dataset.root={missing}"), tmp_path)
     line = one_error_line(proc, alone=False)
     assert line.startswith("error: trial #4: ") and str(missing) in line
@@ -281,7 +276,7 @@ def test_bad_input_in_a_job_ends_the_search_at_once(app, tmp_path):
 
 @pytest.mark.parametrize(
     "space",  # on the command line, or in the config's hydra.sweeper.params (as conf/search/*.yaml have them)
-    ["x=interval(1,0)", "x=interval(1,1)", "x=tag(log,interval(0,1))", "x=range(5,1)",
+    ["x=interval(1,0)", "x=tag(log,interval(0,1))", "x=range(5,1)",
      "hydra.sweeper.params.x='choice()'", "hydra.sweeper.params.y='tag(log, interval(-1, 1))'"],
 )
 def test_invalid_search_space_is_refused_and_nothing_is_touched(app, finished_sweep, space):
@@ -294,7 +289,7 @@ def test_invalid_search_space_is_refused_and_nothing_is_touched(app, finished_sw
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["+z=choice(a,b)"], "holds another search space (z not searched before)"),
+    [(["+z=choice(a,b)"], "holds another search space (+z not searched before)"),
      (["x=interval(0,1)"], "holds another search space (x float[-5.0, 5.0] now float[0.0, 1.0])"),
      (["hydra.sweeper.direction=minimize"], "was created to ['maximize'], not ['minimize']")],
 )

@@ -77,7 +77,7 @@ def test_search_overrides_keep_data_and_model_take_the_budget_and_let_the_method
     assert not any(o.split("=")[0] in ("method", "seed", "trainer.max_epochs", "optim.lr") for o in got)
     assert "dataset.world.seed=1" in got and "dataset.world.seed=0" not in got  # the source task wins
     assert {"hydra.sweeper.n_trials=20", "search.inner_steps=50", "hydra.sweeper.sampler.seed=2",
-            "hydra.sweeper.sampler.name=tpe", "search.eval_every=5"} <= set(got)
+            "hydra/sweeper/sampler=tpe", "search.eval_every=5"} <= set(got)
 
 
 # ------------------------------------------------------------------------------------ linear probe

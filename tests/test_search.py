@@ -90,8 +90,8 @@ def test_same_seed_same_trials(searched, tmp_path):
 
 def test_pruning_stops_trials_early(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _search(sweep, "hydra.sweeper.pruner.name=percentile", "+hydra.sweeper.pruner.kwargs.percentile=1.0",
-                   "+hydra.sweeper.pruner.kwargs.n_startup_trials=1", "+hydra.sweeper.pruner.kwargs.n_warmup_steps=0",
+    proc = _search(sweep, "hydra/sweeper/pruner=percentile", "hydra.sweeper.pruner.percentile=1.0",
+                   "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0",
                    "search.inner_steps=6", n_trials=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = _study(sweep).trials

@@ -1,4 +1,4 @@
-"""The autoft_optuna Hydra sweeper: search-space parsing, and real sweeps of a tiny app run as subprocesses."""
+"""The autoft_optuna Hydra sweeper: real sweeps of a tiny app, run as subprocesses (the syntax: test_sweeper_space)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,11 @@ import optuna
 import pytest
 import yaml
 from omegaconf import OmegaConf
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.autoft_optuna_sweeper import trial_from_config
-from hydra_plugins.autoft_optuna_sweeper.optuna_sweeper import (
-    _format_value,
-    _objective_values,
-    _parser,
-    parse_search_space,
-)
+from tests.conftest import FAKE_APP_HYDRA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,12 +25,7 @@ CONFIG = """\
 x: 0.0
 y: 0.0
 mode: quad
-hydra:
-  sweeper:
-    params:
-      x: interval(-5, 5)
-      y: interval(-5, 5)
-"""
+""" + FAKE_APP_HYDRA
 
 APP = """\
 import os
@@ -72,7 +62,7 @@ if __name__ == "__main__":
     main()
 """
 
-QUICK = ["+hydra.sweeper.sampler.kwargs.n_startup_trials=3"]  # TPE after 3 random trials: exercise TPE itself
+QUICK = ["hydra.sweeper.sampler.n_startup_trials=3"]  # TPE after 3 random trials: exercise TPE itself
 # Command-line sweeps join the config's space; a fixed override passes through.
 EXTRA = ["y=choice(0.5,1.0)", "+act=choice(relu,'1')", "+lr=tag(log,interval(1e-5,1e-3))", "mode=quad"]
 
@@ -110,68 +100,6 @@ def basic(app, tmp_path_factory) -> Path:
     return sweep_dir
 
 
-@pytest.mark.parametrize(
-    ("line", "expected"),
-    [
-        ("x=interval(0,1)", FloatDistribution(0.0, 1.0)),
-        ("x=tag(log,interval(1e-5,1e-3))", FloatDistribution(1e-5, 1e-3, log=True)),
-        ("x=int(interval(1,10))", IntDistribution(1, 10)),
-        ("x=tag(log,int(interval(1,100)))", IntDistribution(1, 100, log=True)),
-        ("x=choice(adam,sgd,3,true,'1')", CategoricalDistribution(["adam", "sgd", 3, True, "1"])),
-        ("x=adam,sgd", CategoricalDistribution(["adam", "sgd"])),
-        ("x=range(1,10,2)", IntDistribution(1, 9, step=2)),  # stop excluded, as in Hydra's range
-        ("x=range(0.0,1.0,0.25)", FloatDistribution(0.0, 0.75, step=0.25)),
-    ],
-)
-def test_each_form_parses_to_its_distribution(line, expected):
-    assert parse_search_space([line]).distributions == {"x": expected}
-
-
-def test_fixed_values_pass_through_and_later_lines_win():
-    space = parse_search_space(["x=interval(0,1)", "lr=0.1", "+model.w=interval(0,2)", "~drop", "x=3"])
-    assert space.distributions == {"model.w": FloatDistribution(0.0, 2.0)}
-    assert space.keys == {"model.w": "+model.w"}
-    assert space.fixed == ["x=3", "lr=0.1", "~drop"]
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        "x=interval(1,0)",
-        "x=interval(1,1)",
-        "x=tag(log,interval(0,1))",
-        "x=tag(log,int(interval(0,5)))",
-        "x=range(5,1)",
-        "x=range(1,5,0)",
-        "x=choice()",
-        "x=tag(lg,interval(0,1))",
-        "x=tag(log,choice(1,2))",
-        "x=glob(*)",
-        "x=interval(0",
-    ],
-)
-def test_invalid_space_is_a_one_line_value_error_naming_the_param(line):
-    with pytest.raises(ValueError, match="'x'") as info:
-        parse_search_space(["y=interval(0,1)", line])
-    assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("value", [0.1 + 0.2, 1e-300, -3, 7, True, "1", "null", "a,b", "it's", "x y", "sqlite:////t/o.db"])
-def test_values_reach_jobs_unchanged(value):
-    parsed = _parser().parse_override(f"k={_format_value(value)}").value()
-    assert type(parsed) is type(value) and parsed == value
-
-
-@pytest.mark.parametrize(
-    ("result", "n", "ok"),
-    [(1, 1, True), (float("nan"), 1, False), (float("inf"), 1, False), ("x", 1, False), ([1.0, 2.0], 2, True),
-     ([1.0], 2, False), ([1.0, float("nan")], 2, False), (None, 1, False)],
-)
-def test_only_finite_values_of_the_right_shape_complete(result, n, ok):
-    values, error = _objective_values(result, n)
-    assert (values is not None, error is None) == (ok, ok)
-
-
 def test_cli_bad_space_exits_nonzero_and_writes_nothing(app, tmp_path):
     proc = sweep(app, tmp_path / "sweep", "x=interval(1,0)", check=False)
     assert proc.returncode != 0
@@ -185,14 +113,16 @@ def test_sweep_records_n_trials_and_the_best(basic):
     assert len(trials) == len(study.trials) == 6
     assert all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:  # command-line sweeps join the space; jobs got the sampled floats exactly
-        assert set(t.params) == {"x", "y", "act", "lr"}
+        assert set(t.params) == {"x", "y", "+act", "+lr"}  # names keep their + (the jobs got +act=...)
         assert t.distributions["y"] == CategoricalDistribution([0.5, 1.0])
-        assert t.distributions["lr"] == FloatDistribution(1e-5, 1e-3, log=True)
+        assert t.distributions["+lr"] == FloatDistribution(1e-5, 1e-3, log=True)
         assert t.value == -((t.params["x"] - 2) ** 2) - (t.params["y"] - 1) ** 2
     best = yaml.safe_load((basic / "best_params.yaml").read_text())
     assert best["best_trial"] == study.best_trial.number
     assert best["best_value"] == study.best_value
     assert best["best_params"] == study.best_params
+    released = yaml.safe_load((basic / "optimization_results.yaml").read_text())
+    assert released == {"name": "optuna", "best_params": study.best_params, "best_value": study.best_value}
     with open(basic / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
 
@@ -230,7 +160,7 @@ def test_trial_left_running_by_a_dead_process_is_failed_and_retried(app, tmp_pat
 
 
 def test_jobs_prune_through_the_storage(app, tmp_path):
-    pruner = ["hydra.sweeper.pruner.name=median", "+hydra.sweeper.pruner.kwargs.n_startup_trials=2"]
+    pruner = ["hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2"]
     sweep(app, tmp_path, "mode=prune", "hydra.sweeper.n_trials=6", *pruner)
     study = load(tmp_path)
     states = [t.state for t in study.trials]
@@ -247,7 +177,7 @@ def test_jobs_prune_through_the_storage(app, tmp_path):
 
 
 def test_failing_job_fails_its_trial_and_the_sweep_goes_on(app, tmp_path):
-    sweep(app, tmp_path, "mode=fail", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.name=random")
+    sweep(app, tmp_path, "mode=fail", "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random")
     trials = load(tmp_path).trials
     assert len(trials) == 4
     for t in trials:
@@ -264,6 +194,9 @@ def test_multi_objective_writes_the_pareto_front(app, tmp_path):
     assert len(finished(study)) == 4
     front = yaml.safe_load((tmp_path / "best_params.yaml").read_text())["pareto_front"]
     assert front == [{"trial": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
+    released = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert released == {"name": "optuna", "solutions": [{"params": t.params, "values": t.values}
+                                                         for t in study.best_trials]}
 
 
 def test_warm_start_and_enqueue_come_first(app, basic, tmp_path):
@@ -321,3 +254,18 @@ def test_launcher_configs_compose_and_instantiate(launcher, target, parallel_key
         assert cfg.hydra.launcher._target_.endswith(target)
         assert cfg.hydra.launcher[parallel_key] == 8
         assert type(instantiate(cfg.hydra.launcher)).__name__ == target.rsplit(".", 1)[1]
+
+
+@pytest.mark.parametrize("search", ["autoft", "embedded"])
+def test_project_search_configs_resolve_before_hydra_sets_its_config(search):
+    """Hydra builds the sweeper, and the sweeper reads the sweep dir, before HydraConfig is set (multirun sets it
+    per job): those keys cannot use the ${hydra:...} resolver, which crashed search=autoft at its start."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[f"search={search}"], return_hydra_config=True)
+    HydraConfig.instance().cfg = None
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    assert sweeper["study_name"] == ("autoft-embedded-tiny_clip" if search == "autoft" else "autoft-embedded-seed0")
+    assert str(cfg.hydra.sweep.dir).startswith("outputs/search/embedded-")
