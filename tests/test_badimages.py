@@ -17,8 +17,9 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, Dataset
 
 from autoft.datacheck import main as datacheck
-from autoft.finetune import build, finetune, run
+from autoft.finetune import build, finetune
 from autoft.imagecheck import BadImage, decode, item_path, verify_file
+from autoft.trial import run
 from tests.test_datasets import (
     FM,
     IW,
