@@ -63,7 +63,7 @@ def search_space(search: str, overrides: list[str], replace: list[str] = ()):
     (``key=spec``, as in ``hydra.sweeper.params``) win over the config's."""
     from omegaconf import OmegaConf
 
-    from hydra_plugins.autoft_optuna_sweeper.optuna_sweeper import parse_search_space
+    from hydra_plugins.autoft_optuna_sweeper._search_space import parse_search_space
 
     cfg = _compose("finetune", [f"search={search}", *overrides], hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
@@ -81,7 +81,7 @@ def sample_points(search: str, overrides: list[str], replace: list[str], n: int,
     points = {}
     for i in range(n):
         trial = study.ask(space.distributions)
-        points[f"s{i:02d}"] = {space.keys[k]: v for k, v in trial.params.items()}
+        points[f"s{i:02d}"] = dict(trial.params)
         study.tell(trial, 0.0)
     return points
 
@@ -89,7 +89,7 @@ def sample_points(search: str, overrides: list[str], replace: list[str], n: int,
 def named_points(search: str, overrides: list[str], replace: list[str], seed: int) -> dict[str, dict[str, Any]]:
     """The hand-set points as params of the space: each method config's weights, lr and weight decay."""
     space = search_space(search, overrides, replace)
-    searched = set(space.keys.values())
+    searched = set(space.distributions)
     points = {}
     for name, method, extra in NAMED:
         cfg = _compose("benchmark", [f"method={method}", *overrides,
@@ -284,7 +284,7 @@ def _spawn(args: list[str], log: Path) -> int:
         return subprocess.run([sys.executable, __file__, *args], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--search", default="embedded", help="search config whose space is sampled and run")
@@ -294,13 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="the named points' seed")
     parser.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100], help="inner steps")
-    parser.add_argument("--schedules", nargs="+", default=["constant"], help="inner lr schedules")
+    parser.add_argument("--schedules", nargs="+", default=["constant"], choices=["constant", "cosine"],
+                        help="inner lr schedules (Hydra overrides go before the options or after --)")
     parser.add_argument("--collapse-margin", type=float, default=0.05)
     parser.add_argument("--pinned-fraction", type=float, default=0.1)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--point", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. dataset.world.seed=10")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def child_argv(args: argparse.Namespace) -> list[str]:
+    """What one objective's process is given besides ``--point``: the overrides first, so that no list-valued
+    option takes them for its own."""
+    return [*args.overrides, "--out", str(args.out), "--search", args.search, "--budgets", *map(str, args.budgets),
+            "--schedules", *args.schedules]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     points_file = args.out / "points.json"
     if args.point:  # a child process: one objective
         params = json.loads(points_file.read_text())[args.point]
@@ -317,13 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     if not zs_file.is_file():  # also generates the world and pretrains the model before the children start
         atomic_write(zs_file, json.dumps(zero_shot(args, args.out / "work" / "zero-shot")))
     zs = json.loads(zs_file.read_text())
-    passthrough = ["--out", str(args.out), "--search", args.search, "--budgets", *map(str, args.budgets),
-                   "--schedules", *args.schedules, "--", *args.overrides]
     todo = [n for n in points if not (args.out / "rows" / f"{n}.json").is_file()]
     log = args.out / "log.txt"
     t0 = time.time()
     with ThreadPoolExecutor(args.parallel) as pool:
-        codes = list(pool.map(lambda n: _spawn(["--point", n, *passthrough], log), todo))
+        codes = list(pool.map(lambda n: _spawn(["--point", n, *child_argv(args)], log), todo))
     if any(codes):
         print(f"error: {sum(map(bool, codes))} point(s) failed (see {log})", file=sys.stderr)
         return 2

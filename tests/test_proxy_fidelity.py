@@ -21,11 +21,23 @@ def test_sampled_objectives_follow_the_search_space_and_its_seed():
     assert a == b and a != c
     space = pf.search_space("embedded", [])
     for params in a.values():
-        assert set(params) == set(space.keys.values())
-        for name, key in space.keys.items():
-            assert space.distributions[name]._contains(space.distributions[name].to_internal_repr(params[key]))
+        assert set(params) == set(space.distributions)
+        for name, dist in space.distributions.items():
+            assert dist._contains(dist.to_internal_repr(params[name]))
     replaced = pf.sample_points("embedded", [], ["optim.lr=tag(log, interval(1e-9, 1e-8))"], 5, seed=3)
     assert all(1e-9 <= p["optim.lr"] <= 1e-8 for p in replaced.values())
+
+
+def test_overrides_reach_each_objective_process_wherever_they_stand_on_the_command_line(tmp_path):
+    # a greedy --schedules once swallowed the overrides: every run silently used the default world
+    for argv in (["a.b=1", "--out", str(tmp_path), "--schedules", "constant", "cosine"],
+                 ["--out", str(tmp_path), "--budgets", "5", "--", "a.b=1"]):
+        args = pf.parse_args(argv)
+        child = pf.parse_args(["--point", "s00", *pf.child_argv(args)])
+        assert child.overrides == args.overrides == ["a.b=1"]
+        assert (child.schedules, child.budgets, child.point) == (args.schedules, args.budgets, "s00")
+    with pytest.raises(SystemExit):
+        pf.parse_args(["--out", str(tmp_path), "--schedules", "constant", "a.b=1"])
 
 
 def test_named_points_take_the_methods_recipes():
