@@ -69,6 +69,9 @@ def test_summary_ranks_collapses_and_pins_as_defined():
     assert run["sampled"]["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
     assert run["sampled"]["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic)
     assert run["sampled"]["n"] == 4 and run["all"]["n"] == 5
+    kept = ["s01", "s02", "s03"]  # s00 collapsed in its final run: out of the region a search picks from
+    assert run["not_collapsed"]["n"] == 3 and run["not_collapsed"]["spearman"] == pytest.approx(stats.spearmanr(
+        [rows[n]["inner"]["cosine-50"]["score"] for n in kept], [rows[n]["final"]["test_ood"] for n in kept]).statistic)
     assert run["collapsed"] == 0.25 and run["pinned"] == 0.25
     assert summary["final"]["collapsed"] == 0.25 and summary["final"]["pinned"] == 0.25
 
