@@ -177,8 +177,7 @@ TINY_SUITE = [
     *(f"model.pretrain.{k}={v}" for k, v in TINY_PRETRAIN.items()),
     "dataset.batch_size=16", "dataset.ood_val_size=40", "dataset.budget.final_epochs=1",
     "dataset.budget.warmup_steps=2", "dataset.budget.trials=2", "dataset.budget.inner_steps=3",
-    'method.search_overrides=["search.eval_every=3"]', "logger=csv",
-    "wise_alphas=[0.0,0.5,1.0]"]  # the ends and the table's midpoint: the full grid is asserted in test_search
+    'method.search_overrides=["search.eval_every=3"]', "logger=csv"]
 
 
 def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny_world):
@@ -229,7 +228,7 @@ def fixture_data(tmp_path):
 FIXTURE = ["model.pretrained=null", "~model.pretrain", "dataset.batch_size=8", "dataset.eval_batch_size=8",
            "dataset.num_workers=0", "trainer.max_epochs=1", "optim.warmup_steps=1",
            'method.search_overrides=["hydra.sweeper.n_trials=2","search.inner_steps=2","search.eval_every=2"]',
-           "logger=csv", "wise_alphas=[0.0,0.5,1.0]"]
+           "logger=csv"]
 
 
 @pytest.mark.parametrize("comparison, options, extra", [
