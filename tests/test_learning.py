@@ -40,8 +40,9 @@ def test_the_reference_was_measured_on_this_configuration(reference):
 
 def test_fine_tuning_beats_zero_shot_on_id(seed0, reference):
     gain = lr.effects(seed0)["ft_minus_zs_id"]
-    # Seeds 0-2 measured FT - zero-shot on ID test (macro-F1) at min..max = the JSON's effects.ft_minus_zs_id; half
-    # the smallest seed's gain is the bound: a regression that halves learning fails, seed noise does not.
+    # Seeds 0-2 measured FT - zero-shot on ID test (macro-F1) of +0.0837..+0.0844 (the JSON's effects.ft_minus_zs_id,
+    # std 0.0004); half the smallest is the bound, 100x the seed spread below it. Fine-tuning that does not learn
+    # fails (lr 0: gain 0.0); a weaker lr need not (lr x 0.3 passed): the check is "learns", not "learns as much".
     bound = reference["effects"]["ft_minus_zs_id"]["min"] / 2
     assert bound > 0.02  # the premise: the measured effect is well above nothing
     assert gain > bound, (gain, seed0)
