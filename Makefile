@@ -27,8 +27,11 @@ run: $(STAMP)
 table: $(STAMP)
 	$(PY) benchmarks/paper.py wilds
 
+# -n: pytest-xdist workers (one per core on the 2-core CI machine); tests marked xdist_group("name") share a worker
+# (and so a module fixture); the 15 slowest tests are printed at the end.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check autoft hydra_plugins benchmarks tests

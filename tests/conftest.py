@@ -25,9 +25,20 @@ hydra:
 """
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (make test: -n 2), each worker and the processes it starts get their share of the cores
+    (torch would take them all in each, and the workers would slow each other down); a value set outside wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache(tmp_path_factory) -> Path:
-    """Every test writes worlds and checkpoints into a throwaway cache, never ~/.cache."""
+    """Every test writes worlds and checkpoints into a throwaway cache, never ~/.cache: one per session, and
+    under pytest-xdist one per worker (each worker has its own base temp dir)."""
     path = tmp_path_factory.mktemp("autoft-cache")
     os.environ["AUTOFT_CACHE"] = str(path)
     os.environ.setdefault("WANDB_MODE", "offline")

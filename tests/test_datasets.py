@@ -31,7 +31,7 @@ from autoft import UserError
 from autoft.datacheck import main as datacheck
 from autoft.datasets import make_data
 from autoft.final import final_train
-from autoft.finetune import CONF_DIR, build, finetune
+from autoft.finetune import CONF_DIR, TEST_KEYS, VAL_KEYS, build, evaluate, finetune
 from autoft.trial import run
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
@@ -316,35 +316,58 @@ def _finetuned(tmp_path: Path, dataset: str, *extra: str):
 
 # ------------------------------------------------------------------------------ load, train, evaluate
 
+def _predicting(model, transform, images, classes) -> None:
+    """Make ``model`` predict ``classes[i]`` for ``images[i]``: the test chooses the predictions (a random model
+    predicts one class for every image, so its metrics are 0 or trivially the same), the data module and the
+    fine-tuner still read, batch and score them. An input is matched to its image by the nearest eval transform."""
+    keys = torch.stack([transform(im.convert("RGB")) for im in images]).flatten(1)
+    classes, n = torch.as_tensor(classes), model.head.out_features
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dist, idx = torch.cdist(x.flatten(1).float(), keys).min(1)
+        assert (dist < 1e-3 * keys[idx].norm(dim=1)).all(), "an input that is none of the images"
+        return 10.0 * F.one_hot(classes[idx], n).float()
+
+    model.forward = forward
+
+
 def test_iwildcam_macro_f1_matches_an_independent_count(tmp_path):
     truth = _write(tmp_path, "iwildcam")
-    cfg, model, data, results = _finetuned(tmp_path, "iwildcam")
+    cfg, model, data, _ = _finetuned(tmp_path, "iwildcam")
     assert data.class_names == ["fox", "deer", "heron"]
     df = truth["df"]
+    # chosen predictions: per split some right, some wrong, classes mixed (macro F1 is neither 0, 1 nor accuracy)
+    pred = (df["y"] + (np.arange(len(df)) % 5 == 1) + (np.arange(len(df)) % 3 == 0)).to_numpy() % 3
+    _predicting(model, data.eval_transform, [Image.open(truth["folder"] / "train" / f) for f in df["filename"]], pred)
+    results = evaluate(cfg, model, data, VAL_KEYS) | evaluate(cfg, model, data, TEST_KEYS)
     for key, split in (("test_id", "id_test"), ("test_ood", "test"), ("val_id", "id_val")):
-        rows = df[df["split"] == split]
-        images = [Image.open(truth["folder"] / "train" / f) for f in rows["filename"]]
-        pred = _logits(model, data.eval_transform, images).argmax(-1).numpy()
-        want = f1_score(rows["y"], pred, average="macro", labels=np.unique(rows["y"]))
+        rows = df["split"] == split
+        want = f1_score(df["y"][rows], pred[rows], average="macro", labels=np.unique(df["y"][rows]))
+        assert 0.0 < want < 1.0 and want != pytest.approx((df["y"][rows] == pred[rows]).mean()), key  # the premise
         assert results[f"{key}/F1-macro_all"] == pytest.approx(want), key
     assert len(data.subsets["val_ood"]) == 4
 
 
 def test_fmow_worst_region_accuracy_matches_an_independent_count(tmp_path):
     truth = _write(tmp_path, "fmow")
-    cfg, model, data, results = _finetuned(tmp_path, "fmow")
+    cfg, model, data, _ = _finetuned(tmp_path, "fmow")
     assert data.class_names[:2] == ["airport", "airport hangar"] and len(data.class_names) == 62
     df = truth["df"]
     from wilds.datasets.fmow_dataset import categories
 
-    test = df[(df["split"] == "test") & (df["timestamp"] >= "2016")]
-    images = [Image.open(truth["folder"] / "images" / f"rgb_img_{i}.png") for i in test.index]
-    correct = _logits(model, data.eval_transform, images).argmax(-1).numpy() == test["category"].map(
-        categories.index).to_numpy()
-    region = test["country_code"].map(FMOW_REGIONS).fillna("Other").to_numpy()
-    want = min(correct[region == r].mean() for r in set(region) - {"Other"})
+    # chosen predictions: right but in region Other (not a region of the worst-region metric) and for Europe's
+    # 2016 image; in the OOD test (2016-2017): Americas 2/2, Europe 1/2, Africa 2/2, Other 0/2
+    region = df["country_code"].map(FMOW_REGIONS).fillna("Other")
+    right = (region != "Other") & ~((region == "Europe") & df["timestamp"].str.startswith("2016"))
+    label = df["category"].map(categories.index).to_numpy()
+    _predicting(model, data.eval_transform, [Image.open(truth["folder"] / "images" / f"rgb_img_{i}.png")
+                                             for i in df.index], np.where(right, label, (label + 1) % 62))
+    results = evaluate(cfg, model, data, TEST_KEYS)
+    test = (df["split"] == "test") & (df["timestamp"] >= "2016")
+    want = min(right[test & (region == r)].mean() for r in set(region[test]) - {"Other"})
+    assert want == 0.5  # the premise: not Other's 0, not the mean over regions
     assert results["test_ood/acc_worst_region"] == pytest.approx(want)
-    assert results["test_ood/acc_avg"] == pytest.approx(correct.mean())
+    assert results["test_ood/acc_avg"] == pytest.approx(right[test].mean())
     assert len(data.subsets["train"]) == 4 and len(data.subsets["val_ood"]) == 4
 
 
@@ -584,7 +607,7 @@ def test_malformed_data_is_one_line_naming_the_file_or_field(tmp_path, dataset, 
     assert "\n" not in str(e.value)
 
 
-def test_missing_root_or_dataset_folder_is_one_clear_error(tmp_path):
+def test_missing_root_or_dataset_folder_is_one_clear_error(tmp_path, monkeypatch):
     from autoft.finetune import dataset_root
 
     for dataset, pattern in (("cifar10", r"data root .*/data does not exist"), ("iwildcam", r"iwildcam_v2\.0")):
@@ -594,7 +617,7 @@ def test_missing_root_or_dataset_folder_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"data/imagenet not found"):
         dataset_root(_cfg(tmp_path, "imagenet"))
     cfg = _cfg(tmp_path, "cifar10", "dataset.root=null")
-    os.environ.pop("AUTOFT_DATA", None)
+    monkeypatch.delenv("AUTOFT_DATA", raising=False)
     with pytest.raises(UserError, match="set dataset.root=... or AUTOFT_DATA"):
         dataset_root(cfg)
 

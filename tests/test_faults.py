@@ -360,22 +360,26 @@ def test_corrupt_image_in_a_single_run_is_one_line(corrupt_world, tmp_path):
 
 
 def _states(db: Path) -> list[str]:
-    """Trial states straight from SQLite, read-only (no schema creation race with the sweeper)."""
+    """Trial states ('+beat' once a heartbeat is recorded) straight from SQLite, read-only (no schema creation
+    race with the sweeper)."""
     if not db.exists():
         return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            return [row[0] for row in con.execute("SELECT state FROM trials")]
+            return [row[0] for row in con.execute(
+                "SELECT state || CASE WHEN h.trial_id IS NULL THEN '' ELSE '+beat' END FROM trials "
+                "LEFT JOIN trial_heartbeats h USING (trial_id)")]
     except sqlite3.OperationalError:
         return []
 
 
 def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path):
-    """5 rounds: start a search, kill -9 it at a random moment once it runs trials (in a job, between jobs, while
-    it writes), run the same command again: the study ends with exactly n_trials finished, nothing RUNNING, and a
-    valid report."""
+    """5 rounds: start a search, kill -9 it at a random moment (seeded) once it runs trials (in a job, between
+    jobs, while it writes), run the same command again: the study ends with exactly n_trials finished, nothing
+    RUNNING, a valid report, and each trial the kill cut short while it ran (RUNNING with a heartbeat) run again."""
     real = os.environ.get("AUTOFT_FAULTS_REAL") == "1"
-    n_trials, rng = (3 if real else 8), random.Random()
+    n_trials, rng = (3 if real else 8), random.Random(17)
+    rounds = []
     for round_ in range(5):
         sweep_dir = tmp_path / f"round{round_}"
         extra = [f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.heartbeat_interval=1",
@@ -387,9 +391,10 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
             time.sleep(0.05)
         # then any moment up to about when the search would be done (a trial: 0.25 s fake, 5 s real)
         time.sleep(rng.uniform(0.0, n_trials * (5.0 if real else 0.3)))
-        moment, states = time.perf_counter() - tic, _states(sweep_dir / "optuna.db")
+        moment = time.perf_counter() - tic
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        states = _states(sweep_dir / "optuna.db")  # the process is gone: what the kill left
         injected("kill_9")
         tic = time.perf_counter()
         ok(run(cmd, tmp_path))
@@ -398,9 +403,13 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
         finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         report = yaml.safe_load((sweep_dir / "best_params.yaml").read_text())
         assert len(finished) == n_trials and report["best_value"] == study.best_value
-        KILLS.append({"killed_after_s": round(moment, 2), "states_at_kill": dict(Counter(states)),
-                      "finished": len(finished), "retried": sum("failed_trial" in t.system_attrs for t in study.trials),
-                      "resume_s": round(time.perf_counter() - tic, 1),
-                      # a write cut short leaves its temporary file, never a half-written report
-                      "tmp_files_left": len(list(sweep_dir.rglob(".*.tmp")))})
+        retried = sum("failed_trial" in t.system_attrs for t in study.trials)
+        assert retried == states.count("RUNNING+beat"), (states, retried)
+        rounds.append({"killed_after_s": round(moment, 2), "states_at_kill": dict(Counter(states)),
+                       "finished": len(finished), "retried": retried,
+                       "resume_s": round(time.perf_counter() - tic, 1),
+                       # a write cut short leaves its temporary file, never a half-written report
+                       "tmp_files_left": len(list(sweep_dir.rglob(".*.tmp")))})
+        KILLS.append(rounds[-1])
         account(sweep_dir, study, n_trials, finished=True)
+    assert any(r["retried"] for r in rounds), rounds  # some kill did land in a running trial

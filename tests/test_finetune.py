@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from autoft.finetune import CONF_DIR, FineTuner, build, evaluate, finetune
+from autoft.finetune import CONF_DIR, VAL_KEYS, FineTuner, build, evaluate, finetune
 from autoft.objective import CompositeObjective
 from autoft.trial import run
 from tests.conftest import overrides
@@ -28,11 +28,20 @@ def _cfg(tmp_path, *extra: str):
     return cfg
 
 
-def test_run_logs_every_prefix_and_returns_the_ood_metric(tmp_path):
+def test_run_logs_every_prefix_and_returns_the_ood_metric(tmp_path, monkeypatch):
+    import autoft.trial
+
+    built = []
+    monkeypatch.setattr(autoft.trial, "build", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     cfg = _cfg(tmp_path, "objective=robust", "logger=csv")
     value = run(cfg)
+    # the trained model's OOD validation metric, as an evaluation of that model here gives it
+    model, data = built[0]
+    again = evaluate(cfg, model, data, VAL_KEYS)
+    assert again["val_ood/F1-macro_all"] != again["val_id/F1-macro_all"]  # the premise: the splits tell apart
+    assert value == pytest.approx(again["val_ood/F1-macro_all"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert value == results["val_ood/F1-macro_all"] and 0.0 <= value <= 1.0
+    assert results["val_ood/F1-macro_all"] == value
     for prefix in ("val_id", "val_ood", "test_id", "test_ood"):
         assert f"{prefix}/F1-macro_all" in results and f"{prefix}/acc_avg" in results
     metrics = pd.read_csv(next(tmp_path.glob("csv/version_*/metrics.csv")))

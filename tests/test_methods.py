@@ -94,25 +94,47 @@ def test_logistic_regression_fits_separable_data_and_the_penalty_shrinks_weights
 
 
 def test_linear_probe_uses_cached_unaugmented_features_and_picks_the_penalty_on_id_val(tmp_path, monkeypatch):
+    import autoft.methods as methods
+
     cfg = _compose(*overrides(), "method=lp")
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
     model, data = build(cfg)
+    # Each penalty's fit is rigged so that one, neither the first nor the last tried, is best on ID val by a
+    # margin: at that penalty a fit to the ID val features themselves, at every other a constant guess (class 0).
+    order = sorted(cfg.lp.regs, reverse=True)
+    winner, real_fit = order[2], methods.logistic_regression
+    val = methods.frozen_features(cfg, model, data, "val_id")
+
+    def rigged(x, y, n_classes, reg, max_iter, init=None):
+        if reg == winner:
+            return real_fit(val["features"], val["y"], n_classes, 1e-6, max_iter)
+        return torch.zeros(n_classes, x.shape[1]), F.one_hot(torch.tensor(0), n_classes).float()
+
+    monkeypatch.setattr(methods, "logistic_regression", rigged)
     probe = fit_linear_probe(cfg, model, data)
-    assert probe["reg"] in cfg.lp.regs
     cached = torch.load(feature_file(cfg, "train"), weights_only=True)
     assert len(cached["features"]) == TINY_WORLD["n_train"]
     with torch.no_grad():  # the same features as the model's on the eval-transformed images, in order
         x, y, _ = next(data.plain_batches("train"))
         torch.testing.assert_close(cached["features"][: len(x)], model.image_features(x))
         assert torch.equal(cached["y"][: len(y)], torch.as_tensor(y))
-    # the reported ID-val score is what the Lightning evaluation gives the probed model
-    scores = evaluate(cfg, model, data, keys=("val_id", "val_ood"))
+    # the premise (the winner's fit scores above the constant guess on ID val), then the pick and its score
+    n_classes = model.head.out_features
+
+    def val_score(reg: float) -> float:
+        w, b = rigged(cached["features"], cached["y"], n_classes, reg, cfg.lp.max_iter)
+        return data.evaluate((val["features"] @ w.T + b).argmax(-1), val["y"], val["metadata"])["F1-macro_all"]
+
+    assert val_score(winner) > val_score(order[0]), "premise"
+    assert probe["reg"] == winner
+    scores = evaluate(cfg, model, data, keys=("val_id", "val_ood"))  # what the Lightning evaluation gives
     assert scores["val_id/F1-macro_all"] == pytest.approx(probe["val_id"])
+    probed = model.head.weight.detach().clone()
     fresh, _ = build(cfg)
     monkeypatch.setattr(type(data), "plain_batches", lambda *a, **k: pytest.fail("features recomputed"))
     assert fit_linear_probe(cfg, fresh, data) == probe  # from the cache, same answer
-    assert torch.equal(fresh.head.weight, model.head.weight)
+    assert torch.equal(fresh.head.weight, probed)
 
 
 # ----------------------------------------------------------------------------------------- FLYP head
@@ -158,8 +180,9 @@ TINY_SUITE = [
     'method.search_overrides=["search.eval_every=3"]', "logger=csv"]
 
 
-def test_wilds_table_on_the_embedded_world_every_method_three_seeds(tmp_path, tiny_world):
-    done = _paper(tmp_path, "wilds", *TINY_SUITE, env={"OMP_NUM_THREADS": "1"})
+def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny_world):
+    # two seeds (the command's default is three): mean and std over seeds are asserted all the same
+    done = _paper(tmp_path, "wilds", *TINY_SUITE, "--seeds", "0", "1", env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "paper"
     rows = {r["method"]: r for r in _csv(out / "wilds" / "table.csv")}
@@ -167,8 +190,8 @@ def test_wilds_table_on_the_embedded_world_every_method_three_seeds(tmp_path, ti
     assert list(rows) == METHODS + [f"{m}+wise" for m in ["lp", *trained]]
     runs = out / "runs" / "embedded-tiny_clip"
     for m in METHODS:
-        records = [json.loads((runs / f"{m}-seed{s}" / "method.json").read_text()) for s in (0, 1, 2)]
-        assert rows[m]["seeds"] == "0 1 2"
+        records = [json.loads((runs / f"{m}-seed{s}" / "method.json").read_text()) for s in (0, 1)]
+        assert rows[m]["seeds"] == "0 1"
         assert rows[m]["id_per_seed"] == " ".join(f"{r['id']:.4f}" for r in records)
         assert float(rows[m]["ood_mean"]) == pytest.approx(np.mean([r["ood"] for r in records]))
         assert float(rows[m]["ood_std"]) == pytest.approx(np.std([r["ood"] for r in records], ddof=1))
@@ -187,10 +210,10 @@ def test_wilds_table_on_the_embedded_world_every_method_three_seeds(tmp_path, ti
     assert (out / "wilds" / "embedded-id-vs-ood.png").read_bytes()[:4] == b"\x89PNG"
     # the same command again reuses every job: nothing retrains, nothing is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")}
-    again = _paper(tmp_path, "wilds", *TINY_SUITE, env={"OMP_NUM_THREADS": "1"})
+    again = _paper(tmp_path, "wilds", *TINY_SUITE, "--seeds", "0", "1", env={"OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")} == stamps
     # ... and a changed configuration in the same runs folder is refused, not written over
-    clash = _paper(tmp_path, "wilds", *TINY_SUITE, "optim.lr=0.1", "--methods", "ft")
+    clash = _paper(tmp_path, "wilds", *TINY_SUITE, "optim.lr=0.1", "--methods", "ft", "--seeds", "0", "1")
     assert clash.returncode == 2 and "holds another configuration's results" in clash.stderr
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")} == stamps
 

@@ -14,12 +14,19 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
+from autoft.finetune import CONF_DIR
 from tests.conftest import overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SEARCH = ["search=embedded", "search.inner_steps=4", "search.eval_every=2"]
+
+
+def _overrides() -> list[str]:
+    """The tiny world's overrides less conftest's trainer.max_steps: a search's budget is search.inner_steps."""
+    return [o for o in overrides() if not o.startswith("trainer.max_steps=")]
 
 
 def _env() -> dict[str, str]:
@@ -27,7 +34,7 @@ def _env() -> dict[str, str]:
 
 
 def _search(sweep_dir: Path, *extra: str, n_trials: int = 3, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *overrides(),
+    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *_overrides(),
            f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.n_trials={n_trials}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_dir.parent, env=_env(), timeout=600)
 
@@ -54,6 +61,11 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
+# make test runs the suite on 2 pytest-xdist workers (--dist loadgroup): the tests that read one search share a
+# worker, so it runs once
+shared_search = pytest.mark.xdist_group("searched")
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("search") / "sweep"
@@ -62,6 +74,7 @@ def searched(tmp_path_factory) -> Path:
     return sweep
 
 
+@shared_search
 def test_search_writes_best_params_and_counts_trials(searched):
     study = _study(searched)
     assert len(_finished(study)) == 3
@@ -80,6 +93,7 @@ def test_search_writes_best_params_and_counts_trials(searched):
         assert b"objective.weights.hinge" in record
 
 
+@shared_search
 def test_same_seed_same_trials(searched, tmp_path):
     again = tmp_path / "sweep"
     assert _search(again).returncode == 0
@@ -89,6 +103,7 @@ def test_same_seed_same_trials(searched, tmp_path):
 
 
 def test_pruning_stops_trials_early(tmp_path):
+    """A 6-step budget validated every 2 steps: trials the pruner stops end before step 6, the others run all 6."""
     sweep = tmp_path / "sweep"
     proc = _search(sweep, "hydra/sweeper/pruner=percentile", "hydra.sweeper.pruner.percentile=1.0",
                    "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0",
@@ -96,13 +111,16 @@ def test_pruning_stops_trials_early(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = _study(sweep).trials
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
-    assert pruned and len(_finished(_study(sweep))) == 4
-    assert all(t.user_attrs["inner_steps"] < 6 for t in pruned)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned and complete and len(pruned) + len(complete) == 4
+    assert all(t.user_attrs["inner_steps"] == 6 and max(t.intermediate_values) == 6 for t in complete)
+    for t in pruned:  # stopped at the validation the pruner refused: no step after it
+        assert t.user_attrs["inner_steps"] == max(t.intermediate_values) < 6, (t.number, t.intermediate_values)
 
 
 def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *overrides(), f"hydra.sweep.dir={sweep}",
+    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *_overrides(), f"hydra.sweep.dir={sweep}",
            "hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -113,27 +131,52 @@ def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # what the kill left (the process is gone: these states are final): a trial cut short while it ran
+    killed = _trial_states(sweep / "optuna.db")
+    assert killed.count("RUNNING+beat") == 1, killed
     time.sleep(3.5)  # past the grace period: the dead process's RUNNING trial is stale
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = _study(sweep)
     assert len(_finished(study)) == 4
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    # the killed trial failed as stale and its params ran again, once
+    cut = [t for t in study.trials if t.state == TrialState.FAIL]
+    retries = [t for t in study.trials if "failed_trial" in t.system_attrs]
+    assert len(cut) == 1 and len(retries) == 1 and retries[0].system_attrs["failed_trial"] == cut[0].number
+    assert retries[0].params == cut[0].params and retries[0].state == TrialState.COMPLETE
     assert yaml.safe_load((sweep / "best_params.yaml").read_text())["best_value"] == pytest.approx(study.best_value)
 
 
-def test_final_training_uses_the_best_params_and_wise_ft_grid(searched, tmp_path):
-    out = tmp_path / "final"
-    cmd = [sys.executable, "-m", "autoft.final", f"best={searched / 'best_params.yaml'}", *overrides(),
-           "trainer.max_epochs=2", "trainer.max_steps=-1", "optim.warmup_steps=2", "logger=csv",
-           f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    final = json.loads((out / "final.json").read_text())
+@shared_search
+def test_final_training_uses_the_best_params_and_wise_ft_grid(searched, tmp_path, monkeypatch):
+    """In-process (the command line's main is run by tests/test_ddp.py): the searched lr, weight decay and
+    loss weights reach the optimizer and the objective of the final run."""
+    import autoft.finetune as ft
+    from autoft.final import final_train, load_best_params
+
     best = yaml.safe_load((searched / "best_params.yaml").read_text())["best_params"]
-    assert final["params"] == best
-    config = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
-    assert config["optim"]["schedule"] == "cosine"
+    params = load_best_params(str(searched / "best_params.yaml"))
+    assert params == best
+    seen: dict = {}
+
+    class Spy(ft.FineTuner):
+        def on_train_start(self) -> None:
+            group = self.trainer.optimizers[0].param_groups[0]
+            seen.update(lr=group["initial_lr"], weight_decay=group["weight_decay"],
+                        weights=dict(self.objective.weights))
+
+    monkeypatch.setattr(ft, "FineTuner", Spy)
+    out = tmp_path / "final"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("final", overrides=[*overrides(), "trainer.max_epochs=2", "trainer.max_steps=-1",
+                                          "optim.warmup_steps=2", "logger=csv", f"output_dir={out}"])
+    assert cfg.optim.schedule == "cosine" and cfg.optim.lr != best["optim.lr"]
+    final = final_train(cfg, params, out)
+    assert seen["lr"] == best["optim.lr"] and seen["weight_decay"] == best["optim.weight_decay"]
+    searched_terms = {k.rsplit(".", 1)[1]: v for k, v in best.items() if k.startswith("objective.weights.")}
+    assert {k: seen["weights"][k] for k in searched_terms} == searched_terms
+    assert json.loads((out / "final.json").read_text())["params"] == best
     assert [w["alpha"] for w in final["wise"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert final["wise"][-1]["ood"] == pytest.approx(final["results"]["test_ood/F1-macro_all"])
     assert Path(final["best_checkpoint"]).is_file() and (out / "finetuned.pt").is_file()

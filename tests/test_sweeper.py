@@ -230,12 +230,14 @@ def test_joblib_launcher_runs_each_batch_in_parallel_processes(app, tmp_path):
 
 
 def test_submitit_local_launcher_runs_trials(app, tmp_path):
-    """The submitit launcher (the SLURM launcher's local twin: same pickling, job dirs and JobReturns)."""
+    """The submitit launcher (the SLURM launcher's local twin: same pickling, job dirs and JobReturns): one job
+    returns its value, the other raises (x > 0 fails in mode=fail); each outcome reaches its own trial."""
     sweep(app, tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
-          "mode=fail")
+          "mode=fail", "hydra.sweeper.enqueue=[{x:-1.0,y:0.5},{x:3.0,y:2.0}]")
     trials = load(tmp_path).trials
-    assert len(trials) == 2 and all(t.state.is_finished() for t in trials)
-    assert all(t.user_attrs["error"] == "RuntimeError: boom" for t in trials if t.state == TrialState.FAIL)
+    assert [(t.params["x"], t.state) for t in trials] == [(-1.0, TrialState.COMPLETE), (3.0, TrialState.FAIL)]
+    assert trials[0].value == -((-1.0 - 2) ** 2) - (0.5 - 1) ** 2
+    assert trials[1].user_attrs["error"] == "RuntimeError: boom"
 
 
 @pytest.mark.parametrize(
