@@ -201,7 +201,7 @@ def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny
             assert r["wise"][-1]["id"] == pytest.approx(r["id"])  # alpha 1: the method itself
         if m in trained:
             assert all(r["seconds"] > 0 for r in records)
-    for s in (0, 1, 2):  # seed k runs in world k, with that world's own pretrained tiny CLIP
+    for s in (0, 1):  # seed k runs in world k, with that world's own pretrained tiny CLIP
         assert yaml.safe_load((runs / f"zeroshot-seed{s}" / ".hydra" / "config.yaml").read_text())["dataset"]["world"][
             "seed"] == s
     assert (runs / "autoft-seed1" / "search" / "optuna.db").is_file()
