@@ -276,7 +276,8 @@ def test_converter_cli_counts_vit_b16_and_converts_the_published_weights(tmp_pat
     n = out["param_count"]
     assert n == 149_620_737 + 182 * 512 + 182  # open_clip ViT-B-16 (both towers, logit_scale) + a 182-class head
     assert (out["from"], out["to"], out["objective"]["convention"]) == ("reference", "ours", "ours")
-    assert out["objective"]["weights"]["l1init"] == pytest.approx(IWILDCAM["l1init"] / n, rel=1e-15)
+    scale = yaml.safe_load((ROOT / "conf" / "objective" / "base.yaml").read_text())["norm_scale"]["l1init"]
+    assert out["objective"]["weights"]["l1init"] == pytest.approx(IWILDCAM["l1init"] / n / scale, rel=1e-15)
     assert out["objective"]["weights"]["flyp"] == IWILDCAM["flyp"] and "flyp" in out["notes"]
     assert out["not_converted"]["dcm"]["weight"] == IWILDCAM["dcm"]
     bad = _cli("objective=autoft_iwildcam", "dataset=iwildcam", "--to", "theirs", cwd=tmp_path)

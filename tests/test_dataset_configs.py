@@ -46,15 +46,15 @@ def test_an_unknown_bad_image_policy_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- the documented commands
 
 def _commands() -> list[str]:
-    """Every autoft command of docs/data.md's bash blocks and the README's data section (inline too)."""
+    """Every autoft command of docs/data.md's bash blocks, and the README's data commands (`autoft-data`)."""
     docs = (ROOT / "docs" / "data.md").read_text()
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Benchmarks and data layouts"):]
-    section = section[: section.index("\n## ", 3)]
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", docs, flags=re.S):
         lines += block.replace("\\\n", " ").splitlines()
-    lines += re.findall(r"`(\.venv/bin/[^`]+)`", section)
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        lines += [line for line in block.splitlines() if "autoft-data" in line]
+    lines += [c for c in re.findall(r"`(\.venv/bin/[^`]+)`", readme) if "autoft-data" in c]
     return [line.split("  #")[0].strip() for line in lines if "autoft" in line and not line.startswith("export")]
 
 

@@ -81,7 +81,8 @@ def tiny():
 
 def test_per_group_weights_reach_the_norm_gradients_and_lr_reaches_the_optimizer(tiny) -> None:
     cfg = _compose("finetune", "objective=autoft", "objective.weights.l1init=0.5", "objective.weights.l2zero=0.25",
-                   "+objective.group_weights.embed.l1init=2.0", "+objective.group_weights.blocks_late.l2zero=4.0")
+                   "+objective.group_weights.embed.l1init=2.0", "+objective.group_weights.blocks_late.l2zero=4.0",
+                   *(f"objective.norm_scale.{t}=1.0" for t in NORM_TERMS))  # unit scales: pull = weight
     settings = objective_settings(cfg, tiny)
     obj = CompositeObjective(dict(cfg.objective.weights), tiny.trainable(), closed_form_norms=True, **settings)
     embed, late, head = "clip.visual.conv1.weight", "clip.visual.transformer.resblocks.3.mlp.c_fc.weight", "head.weight"
@@ -168,5 +169,6 @@ def test_layerwise_search_runs_and_final_training_applies_its_best_values_per_gr
     for name, pull in seen["pulls"].items():
         g = group_of[name]
         key = f"objective.group_weights.{g}" if g in SEARCHED else "objective.weights"
-        assert pull == {t: best[f"{key}.{t}"] for t in NORM_TERMS}, name  # ours, norm_scale 1.0: pull = weight
+        scale = cfg.objective.norm_scale  # ours: pull = weight x the term's norm scale
+        assert pull == pytest.approx({t: best[f"{key}.{t}"] * scale[t] for t in NORM_TERMS}, rel=1e-12), name
     assert OmegaConf.select(cfg, "optim.groups") is None  # the values came from best_params, not the config

@@ -399,7 +399,7 @@ def test_closed_form_norm_grads_match_autograd(weights: dict[str, float], compil
     and through the compiled one-pass function (compiled once for all weights: they are a tensor input)."""
     x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
 
-    def train(closed: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def train(closed: bool, weights: dict[str, float] = weights) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
         obj = CompositeObjective(weights, model.named_parameters(), closed_form_norms=closed,
@@ -414,6 +414,9 @@ def test_closed_form_norm_grads_match_autograd(weights: dict[str, float], compil
         return [p.detach().clone() for p in model.parameters()], values
 
     auto, auto_values = train(False)
+    if compiled:  # compiled first for another weight set, from an empty cache: another test's compile (float64
+        torch._dynamo.reset()  # tensors, in the same pytest worker) must not be what this one finds
+        train(True, {"l1init": 1.0, "l2init": 1.0, "l1zero": 1.0, "l2zero": 1.0})
     with torch._dynamo.config.patch(error_on_recompile=True):  # a new weight set must not recompile
         closed, closed_values = train(True)
     torch.manual_seed(1)
