@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from autoft import atomic_write
+
 IWILDCAM_IMAGES = 203_029  # iWildCam v2.0: train 129,809 + id_val 7,314 + id_test 8,154 + val 14,961 + test 42,791
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

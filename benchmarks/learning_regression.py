@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from autoft import atomic_write
+
 # The small world: 1/4 of the embedded world's train split, smaller test splits, and a pretraining of
 # 40 s instead of minutes (1/10 the web set, 1/4 the steps, half the batch). The final-training recipe is
 # conf/method/ft's (lr0, weight decay 0.1, cosine after warmup), for 4 epochs.
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "per_seed": rows,
               "effects": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(args.out, json.dumps(result, indent=1) + "\n")
     for name, s in summary.items():
         print(f"{name}: mean {s['mean']:+.4f} std {s['std']:.4f} min {s['min']:+.4f} max {s['max']:+.4f}")
     return 0

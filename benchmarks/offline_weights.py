@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from autoft import atomic_write
+
 
 def write_iwildcam(root: Path) -> None:
     """A 10-image iWildCam v2.0 folder in the published layout (2 per split)."""
@@ -107,7 +109,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

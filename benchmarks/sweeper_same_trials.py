@@ -21,6 +21,8 @@ from pathlib import Path
 import optuna
 import yaml
 
+from autoft import atomic_write
+
 OUT = Path(__file__).resolve().parent / "results" / "2026-11-30-cpu"
 TINY = ["dataset.world.n_train=240", "dataset.world.n_id_val=60", "dataset.world.n_id_test=80",
         "dataset.world.n_ood_val=80", "dataset.world.n_ood_test=100", "model.pretrain.n_web=256",
@@ -44,7 +46,7 @@ def record(tag: str, search: str, n_trials: int, commit: str | None) -> Path:
         trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
                   for t in study.trials]
     out = OUT / f"sweeper-same-trials{_suffix(search)}-{tag}.json"
-    out.write_text(json.dumps({"commit": commit, "command": " ".join(cmd[1:-1]), "trials": trials}, indent=1) + "\n")
+    atomic_write(out, json.dumps({"commit": commit, "command": " ".join(cmd[1:-1]), "trials": trials}, indent=1) + "\n")
     return out
 
 
