@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,25 @@ def overrides(**extra: str) -> list[str]:
     items += [f"model.pretrain.{k}={v}" for k, v in TINY_PRETRAIN.items()]
     items += ["trainer.max_steps=4", "trainer.log_every_n_steps=1", "dataset.batch_size=16", "dataset.ood_val_size=40"]
     return items + [f"{k}={v}" for k, v in extra.items()]
+
+
+def trial_states(db: Path, exited: bool = False) -> list[str]:
+    """Trial states ('+beat' once a heartbeat is recorded) read straight from a sweep's SQLite file.
+
+    While the sweeper runs, read-only: opening the study through Optuna would race it to create the schema, and a
+    missing schema or a moment's lock reads as no trials yet. Once its process is gone (``exited``), read-write and
+    without swallowing errors: a kill -9 during a write leaves a hot journal, which only a writable connection may
+    roll back (read-only, SQLite refuses with 'attempt to write a readonly database'), the same rollback the
+    resumed sweeper makes; reading that refusal as "no trials" made the kill tests miscount."""
+    query = ("SELECT state || CASE WHEN h.trial_id IS NULL THEN '' ELSE '+beat' END FROM trials "
+             "LEFT JOIN trial_heartbeats h USING (trial_id)")
+    if exited:
+        with sqlite3.connect(f"file:{db}?mode=rw", uri=True) as con:
+            return [row[0] for row in con.execute(query)]
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return [row[0] for row in con.execute(query)]
+    except sqlite3.OperationalError:
+        return []

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import FAKE_APP_HYDRA, overrides
+from tests.conftest import FAKE_APP_HYDRA, overrides, trial_states
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter[str] = Counter()
@@ -359,20 +358,6 @@ def test_corrupt_image_in_a_single_run_is_one_line(corrupt_world, tmp_path):
     assert image in one_error_line(proc, alone=False)
 
 
-def _states(db: Path) -> list[str]:
-    """Trial states ('+beat' once a heartbeat is recorded) straight from SQLite, read-only (no schema creation
-    race with the sweeper)."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            return [row[0] for row in con.execute(
-                "SELECT state || CASE WHEN h.trial_id IS NULL THEN '' ELSE '+beat' END FROM trials "
-                "LEFT JOIN trial_heartbeats h USING (trial_id)")]
-    except sqlite3.OperationalError:
-        return []
-
-
 def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path):
     """5 rounds: start a search, kill -9 it at a random moment (seeded) once it runs trials (in a job, between
     jobs, while it writes), run the same command again: the study ends with exactly n_trials finished, nothing
@@ -387,14 +372,14 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
         cmd = real_cmd(sweep_dir, *extra) if real else app_cmd(app, sweep_dir, "sleep=0.25", *extra)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tic = time.perf_counter()
-        while not _states(sweep_dir / "optuna.db") and proc.poll() is None:  # start-up done: the first trial runs
+        while not trial_states(sweep_dir / "optuna.db") and proc.poll() is None:  # start-up done: the first trial runs
             time.sleep(0.05)
         # then any moment up to about when the search would be done (a trial: 0.25 s fake, 5 s real)
         time.sleep(rng.uniform(0.0, n_trials * (5.0 if real else 0.3)))
         moment = time.perf_counter() - tic
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        states = _states(sweep_dir / "optuna.db")  # the process is gone: what the kill left
+        states = trial_states(sweep_dir / "optuna.db", exited=True)  # the process is gone: what the kill left
         injected("kill_9")
         tic = time.perf_counter()
         ok(run(cmd, tmp_path))
@@ -413,3 +398,27 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
         KILLS.append(rounds[-1])
         account(sweep_dir, study, n_trials, finished=True)
     assert any(r["retried"] for r in rounds), rounds  # some kill did land in a running trial
+
+
+HOT_JOURNAL_WRITER = """
+import os, signal, sqlite3, sys
+con = sqlite3.connect(sys.argv[1])
+con.execute("PRAGMA cache_size=5")  # spill pages to the file mid-transaction: the journal becomes hot
+con.execute("CREATE TABLE trials (trial_id INTEGER PRIMARY KEY, state TEXT)")
+con.execute("CREATE TABLE trial_heartbeats (trial_id INTEGER)")
+con.execute("INSERT INTO trials VALUES (0, 'COMPLETE'), (1, 'RUNNING')")
+con.execute("INSERT INTO trial_heartbeats VALUES (1)")
+con.commit()
+con.execute("BEGIN")
+con.executemany("INSERT INTO trials (state) VALUES (?)", [("RUNNING",)] * 20000)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_states_after_a_kill_during_a_write_are_read_through_the_hot_journal(tmp_path):
+    """The kill tests' reading of what a kill -9 left: a write cut short leaves a hot journal, and the states read
+    are those committed before it (read-only, SQLite would refuse, and the kill test once read that as no trials)."""
+    db = tmp_path / "optuna.db"
+    proc = subprocess.run([sys.executable, "-c", HOT_JOURNAL_WRITER, str(db)])
+    assert proc.returncode == -signal.SIGKILL and (tmp_path / "optuna.db-journal").exists()
+    assert trial_states(db, exited=True) == ["COMPLETE", "RUNNING+beat"]

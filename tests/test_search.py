@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
 from autoft.finetune import CONF_DIR
-from tests.conftest import overrides
+from tests.conftest import overrides, trial_states
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SEARCH = ["search=embedded", "search.inner_steps=4", "search.eval_every=2"]
@@ -41,20 +40,6 @@ def _search(sweep_dir: Path, *extra: str, n_trials: int = 3, **popen) -> subproc
 
 def _study(sweep_dir: Path, name: str = "autoft-embedded-seed0") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-
-
-def _trial_states(db: Path) -> list[str]:
-    """Trial states ('+beat' once a heartbeat is recorded) read straight from SQLite, read-only: opening
-    the study through Optuna while the sweeper creates it would race it to create the schema."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            return [row[0] for row in con.execute(
-                "SELECT state || CASE WHEN h.trial_id IS NULL THEN '' ELSE '+beat' END FROM trials "
-                "LEFT JOIN trial_heartbeats h USING (trial_id)")]
-    except sqlite3.OperationalError:  # schema not created yet, or locked for a moment
-        return []
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -125,14 +110,14 @@ def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once one trial is done and the next is running
-        states = _trial_states(sweep / "optuna.db")
+        states = trial_states(sweep / "optuna.db")
         if sum(s.startswith("COMPLETE") for s in states) >= 1 and "RUNNING+beat" in states:
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # what the kill left (the process is gone: these states are final): a trial cut short while it ran
-    killed = _trial_states(sweep / "optuna.db")
+    killed = trial_states(sweep / "optuna.db", exited=True)
     assert killed.count("RUNNING+beat") == 1, killed
     time.sleep(3.5)  # past the grace period: the dead process's RUNNING trial is stale
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
