@@ -65,17 +65,18 @@ def _own_logging() -> Iterator[None]:
 
 
 def call_main(main: Callable[[], Any], argv: list[str], prog: str) -> int:
-    """``main()`` as its command line would run it with ``argv``: its exit status (0 when it returns)."""
+    """``main()`` as its command line would run it with ``argv``: its exit status (SystemExit's code; else what
+    ``main`` returns if that is an int, as ``sys.exit(main())`` would exit with it; else 0)."""
     saved_argv = sys.argv
     sys.argv = [prog, *argv]
     try:
         with _own_hydra(), _own_logging():
-            main()
+            result = main()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = saved_argv
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def run_module(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:

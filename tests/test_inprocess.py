@@ -53,6 +53,7 @@ def test_exit_status_is_the_commands_and_loggers_are_put_back(tmp_path, capsys):
     assert "job log line" in next((tmp_path / "run").glob("*.log")).read_text()  # Hydra's job logging ran ...
     assert root.handlers == handlers and root.level == level  # ... and is undone
     assert call_main(_app(tmp_path / "conf", lambda cfg: None), [f"hydra.run.dir={tmp_path / 'ok'}"], "ok") == 0
+    assert call_main(lambda: 2, [], "returns") == 2  # a module that exits with sys.exit(main())
 
 
 def test_only_plain_python_m_launches_run_in_process():
