@@ -182,10 +182,10 @@ def paper_here(tmp_path, monkeypatch) -> Callable[..., int]:
     monkeypatch.setattr(methods, "subprocess", subprocess_in_process())
     monkeypatch.chdir(tmp_path)
 
-    def run(*args: str, env: dict | None = None) -> int:
+    def run(*args: str, out: Path | None = None, env: dict | None = None) -> int:
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
-        return paper.main(["--out", str(tmp_path / "paper"), *args])
+        return paper.main(["--out", str(out or tmp_path / "paper"), *args])
 
     return run
 
@@ -241,12 +241,21 @@ def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")} == stamps
 
 
-@pytest.fixture
-def fixture_data(tmp_path):
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fixtures") / "data"
     rng = np.random.default_rng(0)
     for write in WRITERS.values():
-        write(tmp_path / "data", copy.deepcopy(rng))
-    return tmp_path / "data"
+        write(root, copy.deepcopy(rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fixture_paper(tmp_path_factory) -> Path:
+    """One --out folder for every comparison below, as a user's: a job already done with the same configuration
+    is reused (the wilds comparison's ft and autoft jobs on iWildCam and FMoW serve val-set and
+    objective-transfer), which the comparisons share a worker for (xdist_group)."""
+    return tmp_path_factory.mktemp("fixtures-paper") / "paper"
 
 
 # Fixture-sized settings: the random tiny CLIP, 1 epoch, searches of 2 trials of 2 steps.
@@ -256,6 +265,7 @@ FIXTURE = ["model.pretrained=null", "~model.pretrain", "dataset.batch_size=8", "
            "logger=csv"]
 
 
+@pytest.mark.xdist_group("paper-fixtures")
 @pytest.mark.parametrize("comparison, options, extra", [
     ("wilds", [], ["dataset.ood_val_size=4"]),
     ("imagenet", ["--methods", "zeroshot", "lp", "autoft"],
@@ -269,27 +279,28 @@ FIXTURE = ["model.pretrained=null", "~model.pretrain", "dataset.batch_size=8", "
     ("val-set", [], ["dataset.ood_val_size=4"]),
     ("sampler", ["--methods", "autoft-random", "autoft-qmc"], ["dataset.ood_val_size=4"]),
 ])
-def test_paper_commands_run_end_to_end_on_the_real_format_fixtures(tmp_path, fixture_data, paper_here, comparison,
+def test_paper_commands_run_end_to_end_on_the_real_format_fixtures(fixture_data, fixture_paper, paper_here, comparison,
                                                                     options, extra):
     # overrides first: the list-valued options (--seeds, --methods, --datasets) take every word after them
+    out = fixture_paper
     assert paper_here(comparison, *FIXTURE, *extra, "--paper", "--model", "tiny_clip", *options, "--seeds", "0",
-                      env={"AUTOFT_DATA": str(fixture_data)}) == 0
-    rows = _csv(tmp_path / "paper" / comparison / "table.csv")
+                      out=out, env={"AUTOFT_DATA": str(fixture_data)}) == 0
+    rows = _csv(out / comparison / "table.csv")
     assert rows and all(r["seeds"] == "0" and 0.0 <= float(r["id_mean"]) <= 1.0 for r in rows)
-    table = (tmp_path / "paper" / comparison / "table.md").read_text()
+    table = (out / comparison / "table.md").read_text()
     if comparison == "wilds":
         assert {r["dataset"] for r in rows} == {"iwildcam", "fmow"}
         flyp = next(r for r in rows if r["dataset"] == "iwildcam" and r["method"] == "flyp")
         assert (flyp["published_id"], flyp["published_ood"]) == ("52.2", "35.6")  # beside ours
         assert "| 52.2 | 35.6 (FLYP, ViT-B/16) |" in table
-        assert (tmp_path / "paper" / "wilds" / "fmow-id-vs-ood.png").is_file()
+        assert (out / "wilds" / "fmow-id-vs-ood.png").is_file()
     if comparison == "objective-transfer":  # the transferred objective was searched on iWildCam
-        search = tmp_path / "paper" / "runs" / "fmow-tiny_clip" / "autoft-transfer-seed0" / "search"
+        search = out / "runs" / "fmow-tiny_clip" / "autoft-transfer-seed0" / "search"
         given = yaml.safe_load((search / "multirun.yaml").read_text())["hydra"]["overrides"]
         assert "dataset=iwildcam" in given["task"] and "dataset=fmow" not in given["task"]
         assert "hydra.sweeper.n_trials=2" in given["hydra"]  # the user's search settings kept beside the variant's
     if comparison == "val-set":  # the ID-val variant's search returns val_id; the plain one val_ood
-        runs = tmp_path / "paper" / "runs" / "iwildcam-tiny_clip"
+        runs = out / "runs" / "iwildcam-tiny_clip"
         tasks = {m: yaml.safe_load((runs / f"{m}-seed0" / "search" / "multirun.yaml").read_text())
                  ["hydra"]["overrides"]["task"] for m in ("autoft", "autoft-idval")}
         assert "returns=[val_id]" in tasks["autoft-idval"] and not any("returns" in o for o in tasks["autoft"])
