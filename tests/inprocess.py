@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import runpy
 import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
@@ -77,6 +80,16 @@ def call_main(main: Callable[[], Any], argv: list[str], prog: str) -> int:
     finally:
         sys.argv = saved_argv
     return result if isinstance(result, int) else 0
+
+
+def run_script(script: Path, argv: list[str]) -> int:
+    """`python SCRIPT ARGV` run from the script's folder, in this process (as ``__main__``): its exit status."""
+    cwd = os.getcwd()
+    os.chdir(script.parent)
+    try:
+        return call_main(lambda: runpy.run_path(str(script), run_name="__main__"), argv, prog=str(script))
+    finally:
+        os.chdir(cwd)
 
 
 def run_module(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:

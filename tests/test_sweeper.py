@@ -1,4 +1,6 @@
-"""The autoft_optuna Hydra sweeper: real sweeps of a tiny app, run as subprocesses (the syntax: test_sweeper_space)."""
+"""The autoft_optuna Hydra sweeper: real sweeps of a tiny app (the syntax: test_sweeper_space). The app's command runs
+in this process (tests/inprocess.py) unless the claim is the process's: its exit status, launchers that start their
+own processes."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.autoft_optuna_sweeper import trial_from_config
 from tests.conftest import FAKE_APP_HYDRA
+from tests.inprocess import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,13 +78,24 @@ def app(tmp_path_factory) -> Path:
     return path
 
 
-def sweep(app: Path, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def sweep_cli(app: Path, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The app's sweep as a command, in its own process: for exit statuses and launchers that start processes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "my_app.py", "-m", "hydra/sweeper=autoft_optuna", f"hydra.sweep.dir='{sweep_dir}'"]
-    proc = subprocess.run([*cmd, *overrides], cwd=app, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "my_app.py", *_argv(sweep_dir, overrides)]
+    proc = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def sweep(app: Path, sweep_dir: Path, *overrides: str) -> None:
+    """The same command run in this process (tests/inprocess.py): what the sweep records is the claim, and a process
+    start (~2.5 s of imports and plugin discovery) was most of a small sweep's time."""
+    assert run_script(app / "my_app.py", _argv(sweep_dir, overrides)) == 0
+
+
+def _argv(sweep_dir: Path, overrides: tuple[str, ...]) -> list[str]:
+    return ["-m", "hydra/sweeper=autoft_optuna", f"hydra.sweep.dir='{sweep_dir}'", *overrides]
 
 
 def load(sweep_dir: Path) -> optuna.Study:
@@ -90,6 +104,10 @@ def load(sweep_dir: Path) -> optuna.Study:
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state.is_finished()]
+
+
+# the tests that read the basic sweep share a worker (make test: --dist loadgroup), so it runs once
+uses_basic = pytest.mark.xdist_group("sweeper-basic")
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +119,13 @@ def basic(app, tmp_path_factory) -> Path:
 
 
 def test_cli_bad_space_exits_nonzero_and_writes_nothing(app, tmp_path):
-    proc = sweep(app, tmp_path / "sweep", "x=interval(1,0)", check=False)
+    proc = sweep_cli(app, tmp_path / "sweep", "x=interval(1,0)", check=False)
     assert proc.returncode != 0
     assert "invalid search space for 'x'" in proc.stderr
     assert not (tmp_path / "sweep" / "optuna.db").exists()
 
 
+@uses_basic
 def test_sweep_records_n_trials_and_the_best(basic):
     study = load(basic)
     trials = finished(study)
@@ -127,6 +146,7 @@ def test_sweep_records_n_trials_and_the_best(basic):
         assert len(list(csv.DictReader(f))) == 6
 
 
+@uses_basic
 def test_same_seed_same_params_other_seed_other_params(app, basic, tmp_path):
     sweep(app, tmp_path / "same", "hydra.sweeper.n_trials=6", *QUICK, *EXTRA)
     sweep(app, tmp_path / "other", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=1", *QUICK, *EXTRA)
@@ -199,6 +219,7 @@ def test_multi_objective_writes_the_pareto_front(app, tmp_path):
                                                          for t in study.best_trials]}
 
 
+@uses_basic
 def test_warm_start_and_enqueue_come_first(app, basic, tmp_path):
     source = load(basic)
     top = sorted(source.trials, key=lambda t: t.value, reverse=True)[:2]
@@ -219,7 +240,7 @@ def test_warm_start_and_enqueue_come_first(app, basic, tmp_path):
 
 def test_joblib_launcher_runs_each_batch_in_parallel_processes(app, tmp_path):
     """hydra/launcher=parallel (conf/hydra/launcher/parallel.yaml: the joblib launcher, n_jobs from the sweeper)."""
-    sweep(app, tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", f"hydra.searchpath=[file://{ROOT}/conf]",
+    sweep_cli(app, tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", f"hydra.searchpath=[file://{ROOT}/conf]",
           "hydra/launcher=parallel", "+record_pid=true")
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -232,7 +253,7 @@ def test_joblib_launcher_runs_each_batch_in_parallel_processes(app, tmp_path):
 def test_submitit_local_launcher_runs_trials(app, tmp_path):
     """The submitit launcher (the SLURM launcher's local twin: same pickling, job dirs and JobReturns): one job
     returns its value, the other raises (x > 0 fails in mode=fail); each outcome reaches its own trial."""
-    sweep(app, tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
+    sweep_cli(app, tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
           "mode=fail", "hydra.sweeper.enqueue=[{x:-1.0,y:0.5},{x:3.0,y:2.0}]")
     trials = load(tmp_path).trials
     assert [(t.params["x"], t.state) for t in trials] == [(-1.0, TrialState.COMPLETE), (3.0, TrialState.FAIL)]
