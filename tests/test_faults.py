@@ -1,4 +1,6 @@
-"""Fault injection: each fault of a long search is injected into real sweeps (subprocesses) and counted.
+"""Fault injection: each fault of a long search is injected into real sweeps and counted. A sweep runs in its own
+process where the claim is the command's (exit status, one error line, kill -9), else in the test process
+(tests/inprocess.py: the same command without a process start).
 
 Faults: exceptions, out-of-memory errors and non-finite losses inside trials, a search where most trials fail,
 bad input (invalid search spaces, a study name holding another space, a corrupt storage, a missing data root, an
@@ -31,7 +33,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tests.conftest import FAKE_APP_HYDRA, overrides, trial_states
-from tests.inprocess import run_module as run_here
+from tests.inprocess import run_module, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter[str] = Counter()
@@ -190,18 +192,28 @@ def injected(kind: str, n: int = 1) -> None:
     COUNTS[f"fault:{kind}"] += n
 
 
+def run_here(cmd: list[str]) -> None:
+    """``app_cmd``'s command, run to success in this process (tests/inprocess.py): for sweeps whose claim is what
+    they record, not their process (a process start, ~2.5 s, was most of a small fake sweep's time)."""
+    assert cmd[0] == sys.executable and run_script(Path(cmd[1]), cmd[2:]) == 0
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(app, tmp_path_factory) -> Path:
     """A finished 4-trial search whose files the bad-input tests must leave exactly as they are."""
     sweep_dir = tmp_path_factory.mktemp("finished") / "sweep"
-    ok(run(app_cmd(app, sweep_dir, "hydra.sweeper.n_trials=4"), app))
+    run_here(app_cmd(app, sweep_dir, "hydra.sweeper.n_trials=4"))
     return sweep_dir
+
+
+# the bad-input tests against the finished search share a worker (make test: --dist loadgroup), so it runs once
+against_finished = pytest.mark.xdist_group("finished-sweep")
 
 
 def test_exceptions_and_oom_fail_their_trials_and_the_search_goes_on(app, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    ok(run(app_cmd(app, sweep_dir, "fault=mixed", "hydra.sweeper.n_trials=10", "hydra/sweeper/sampler=random",
-                   "hydra.sweeper.max_failure_rate=1.0"), app))
+    run_here(app_cmd(app, sweep_dir, "fault=mixed", "hydra.sweeper.n_trials=10", "hydra/sweeper/sampler=random",
+                     "hydra.sweeper.max_failure_rate=1.0"))
     study = load(sweep_dir)
     errors = Counter(t.user_attrs.get("error") for t in study.trials if t.state == TrialState.FAIL)
     assert errors["RuntimeError: boom"] >= 1 and errors["MemoryError: out of memory (injected)"] >= 1, errors
@@ -221,8 +233,8 @@ def test_non_finite_loss_prunes_the_trial_with_its_reason(tmp_path):
     # below, whose claim is the command's exit status and error line, in its own
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
-        assert run_here(real_cmd(sweep_dir, "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random",
-                                 "optim.lr=choice(1e-4,1e30)")).returncode == 0
+        assert run_module(real_cmd(sweep_dir, "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random",
+                                   "optim.lr=choice(1e-4,1e30)")).returncode == 0
     study = load(sweep_dir, "autoft-embedded-seed0")
     diverged = [t for t in study.trials if t.params["optim.lr"] == 1e30]
     assert diverged and len(diverged) < 4  # random sampler seed 0 draws both
@@ -278,6 +290,7 @@ def test_bad_input_in_a_job_ends_the_search_at_once(app, tmp_path):
     account(sweep_dir, study, 0, finished=False)
 
 
+@against_finished
 @pytest.mark.parametrize(
     "space",  # on the command line, or in the config's hydra.sweeper.params (as conf/search/*.yaml have them)
     ["x=interval(1,0)", "x=tag(log,interval(0,1))", "x=range(5,1)",
@@ -291,6 +304,7 @@ def test_invalid_search_space_is_refused_and_nothing_is_touched(app, finished_sw
     injected("invalid_search_space")
 
 
+@against_finished
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["+z=choice(a,b)"], "holds another search space (+z not searched before)"),
