@@ -6,9 +6,13 @@ and returns the OOD validation metric, which is what a sweeper optimises.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # bad data or missing weights: one line before the imports below (about 12 s)
+    from autoft.preflight import preflight
+
+    preflight("finetune")
+
 import logging
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +36,7 @@ from autoft.imagecheck import skip_counts
 from autoft.layers import optimizer_groups
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import CompositeObjective
+from autoft.preflight import CONF_DIR, configured_root
 from autoft.world import config_hash
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed setting")
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
 VAL_KEYS, TEST_KEYS = ("val_id", "val_ood"), ("test_id", "test_ood")
-# The repo's top-level conf/ (resolved through the editable install's symlinks).
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class FineTuner(pl.LightningModule):
@@ -210,9 +213,7 @@ def dataset_root(cfg: DictConfig) -> str:
         from autoft.world import ensure_world
 
         return str(ensure_world(world_config(cfg)))
-    root = cfg.dataset.root or os.environ.get("AUTOFT_DATA")
-    if not root:
-        raise UserError(f"no data root for dataset '{cfg.dataset.name}': set dataset.root=... or AUTOFT_DATA")
+    root = configured_root(cfg.dataset)
     check_root(cfg.dataset, root)
     return root
 
