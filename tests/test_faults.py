@@ -369,13 +369,22 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
         sweep_dir = tmp_path / f"round{round_}"
         extra = [f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.heartbeat_interval=1",
                  "hydra.sweeper.grace_period=2"]
-        cmd = real_cmd(sweep_dir, *extra) if real else app_cmd(app, sweep_dir, "sleep=0.25", *extra)
+        # the real app: 60 steps a trial (seconds; the 4 of overrides() are over in a blink)
+        cmd = real_cmd(sweep_dir, *extra, "trainer.max_steps=60") if real else app_cmd(app, sweep_dir, "sleep=0.25",
+                                                                                      *extra)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tic = time.perf_counter()
-        while not trial_states(sweep_dir / "optuna.db") and proc.poll() is None:  # start-up done: the first trial runs
-            time.sleep(0.05)
-        # then any moment up to about when the search would be done (a trial: 0.25 s fake, 5 s real)
-        time.sleep(rng.uniform(0.0, n_trials * (5.0 if real else 0.3)))
+        if real:  # a running trial, the first, second or third, at a random moment of its first second
+            nth = rng.randrange(n_trials)
+            while proc.poll() is None and not (
+                    (states := trial_states(sweep_dir / "optuna.db")).count("RUNNING+beat")
+                    and sum(s.startswith("COMPLETE") for s in states) >= nth):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # start-up done (the first trial runs), then any moment up to about when the search would be done
+            while not trial_states(sweep_dir / "optuna.db") and proc.poll() is None:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, n_trials * 0.3))
         moment = time.perf_counter() - tic
         proc.send_signal(signal.SIGKILL)
         proc.wait()
