@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import autoft.final
+import autoft.finetune
 from autoft import UserError
 from autoft.conventions import objective_settings
 from autoft.finetune import CONF_DIR, FineTuner
@@ -24,6 +25,7 @@ from autoft.layers import assign, optimizer_groups, prefixes
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import NORM_TERMS, CompositeObjective
 from tests.conftest import overrides
+from tests.inprocess import call_main
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["embed", "blocks_early", "blocks_middle", "blocks_late", "final", "head", "text"]
@@ -130,10 +132,10 @@ def test_a_trainable_parameter_in_no_group_is_one_error_line(tmp_path) -> None:
 
 def test_layerwise_search_runs_and_final_training_applies_its_best_values_per_group(tmp_path, monkeypatch) -> None:
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "autoft.finetune", "-m", "search=autoft_layerwise", "search.inner_steps=4",
-           "search.eval_every=2", *overrides(), f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=3", "logger=csv"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = ["-m", "search=autoft_layerwise", "search.inner_steps=4", "search.eval_every=2", *overrides(),
+            f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=3", "logger=csv"]
+    monkeypatch.chdir(tmp_path)  # the search command in this process: the claim is its space, not its process
+    assert call_main(autoft.finetune.main, argv, prog=autoft.finetune.__file__) == 0
     best = yaml.safe_load((sweep / "best_params.yaml").read_text())["best_params"]
     per_group = {f"optim.groups.{g}.{k}" for g in SEARCHED for k in ("lr", "weight_decay")} | {
         f"objective.group_weights.{g}.{t}" for g in SEARCHED for t in NORM_TERMS}

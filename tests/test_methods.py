@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from autoft import methods
 from autoft.finetune import CONF_DIR, build, evaluate
 from autoft.methods import feature_file, fit_linear_probe, logistic_regression, search_overrides
 from autoft.model import CLIPClassifier, load_clip
 from tests.conftest import TINY_PRETRAIN, TINY_WORLD, overrides
+from tests.inprocess import subprocess_in_process
 from tests.test_datasets import NAMES, WRITERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,8 +166,28 @@ def test_text_head_is_rebuilt_from_the_current_text_tower_on_eval():
 # ----------------------------------------------------------------------------------- paper.py suite
 
 def _paper(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """benchmarks/paper.py as a command: its own process and the processes it starts (the process boundary)."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "paper.py"), "--out", str(tmp_path / "paper"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def paper_here(tmp_path, monkeypatch) -> Callable[..., int]:
+    """benchmarks/paper.py's main in this process, and the `python -m autoft.methods` sweeps and AutoFT searches
+    it launches too (tests/inprocess.py): the same code and command lines without a new interpreter each, whose
+    imports were most of these tests' time. Returns the command's exit status."""
+    from benchmarks import paper
+
+    monkeypatch.setattr(paper, "subprocess", subprocess_in_process())
+    monkeypatch.setattr(methods, "subprocess", subprocess_in_process())
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str, env: dict | None = None) -> int:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        return paper.main(["--out", str(tmp_path / "paper"), *args])
+
+    return run
 
 
 def _csv(path: Path) -> list[dict]:
@@ -180,10 +203,9 @@ TINY_SUITE = [
     'method.search_overrides=["search.eval_every=3"]', "logger=csv"]
 
 
-def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny_world):
+def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny_world, paper_here):
     # two seeds (the command's default is three): mean and std over seeds are asserted all the same
-    done = _paper(tmp_path, "wilds", *TINY_SUITE, "--seeds", "0", "1", env={"OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert paper_here("wilds", *TINY_SUITE, "--seeds", "0", "1") == 0
     out = tmp_path / "paper"
     rows = {r["method"]: r for r in _csv(out / "wilds" / "table.csv")}
     trained = ["ft", "lpft", "l2sp", "flyp", "autoft"]
@@ -210,9 +232,10 @@ def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny
     assert (out / "wilds" / "embedded-id-vs-ood.png").read_bytes()[:4] == b"\x89PNG"
     # the same command again reuses every job: nothing retrains, nothing is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")}
-    again = _paper(tmp_path, "wilds", *TINY_SUITE, "--seeds", "0", "1", env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")} == stamps
-    # ... and a changed configuration in the same runs folder is refused, not written over
+    assert paper_here("wilds", *TINY_SUITE, "--seeds", "0", "1") == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")} == stamps
+    # ... and a changed configuration in the same runs folder is refused, not written over: the command and the
+    # sweep it starts in their own processes, as a user runs them (exit status, one error line)
     clash = _paper(tmp_path, "wilds", *TINY_SUITE, "optim.lr=0.1", "--methods", "ft", "--seeds", "0", "1")
     assert clash.returncode == 2 and "holds another configuration's results" in clash.stderr
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/method.json")} == stamps
@@ -246,12 +269,11 @@ FIXTURE = ["model.pretrained=null", "~model.pretrain", "dataset.batch_size=8", "
     ("val-set", [], ["dataset.ood_val_size=4"]),
     ("sampler", ["--methods", "autoft-random", "autoft-qmc"], ["dataset.ood_val_size=4"]),
 ])
-def test_paper_commands_run_end_to_end_on_the_real_format_fixtures(tmp_path, fixture_data, comparison, options,
-                                                                    extra):
+def test_paper_commands_run_end_to_end_on_the_real_format_fixtures(tmp_path, fixture_data, paper_here, comparison,
+                                                                    options, extra):
     # overrides first: the list-valued options (--seeds, --methods, --datasets) take every word after them
-    done = _paper(tmp_path, comparison, *FIXTURE, *extra, "--paper", "--model", "tiny_clip", *options, "--seeds", "0",
-                  env={"AUTOFT_DATA": str(fixture_data), "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert paper_here(comparison, *FIXTURE, *extra, "--paper", "--model", "tiny_clip", *options, "--seeds", "0",
+                      env={"AUTOFT_DATA": str(fixture_data)}) == 0
     rows = _csv(tmp_path / "paper" / comparison / "table.csv")
     assert rows and all(r["seeds"] == "0" and 0.0 <= float(r["id_mean"]) <= 1.0 for r in rows)
     table = (tmp_path / "paper" / comparison / "table.md").read_text()

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from autoft.finetune import CONF_DIR
 from tests.conftest import overrides, trial_states
+from tests.inprocess import call_main, subprocess_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SEARCH = ["search=embedded", "search.inner_steps=4", "search.eval_every=2"]
@@ -32,10 +33,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
 
 
-def _search(sweep_dir: Path, *extra: str, n_trials: int = 3, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *_overrides(),
-           f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.n_trials={n_trials}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_dir.parent, env=_env(), timeout=600)
+def _search(sweep_dir: Path, *extra: str, n_trials: int = 3) -> int:
+    """The search command, run in this process (tests/inprocess.py: the same main and argv without ~12 s of imports
+    per process); its exit status. The killed search and the CLI error below keep their own process."""
+    import autoft.finetune
+
+    argv = ["-m", *TINY_SEARCH, *_overrides(), f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.n_trials={n_trials}",
+            *extra]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(sweep_dir.parent)
+        return call_main(autoft.finetune.main, argv, prog=autoft.finetune.__file__)
 
 
 def _study(sweep_dir: Path, name: str = "autoft-embedded-seed0") -> optuna.Study:
@@ -54,8 +61,7 @@ shared_search = pytest.mark.xdist_group("searched")
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("search") / "sweep"
-    proc = _search(sweep)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _search(sweep) == 0
     return sweep
 
 
@@ -81,7 +87,7 @@ def test_search_writes_best_params_and_counts_trials(searched):
 @shared_search
 def test_same_seed_same_trials(searched, tmp_path):
     again = tmp_path / "sweep"
-    assert _search(again).returncode == 0
+    assert _search(again) == 0
     a, b = _study(searched).trials, _study(again).trials
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == pytest.approx([t.value for t in b], abs=1e-6)
@@ -90,10 +96,9 @@ def test_same_seed_same_trials(searched, tmp_path):
 def test_pruning_stops_trials_early(tmp_path):
     """A 6-step budget validated every 2 steps: trials the pruner stops end before step 6, the others run all 6."""
     sweep = tmp_path / "sweep"
-    proc = _search(sweep, "hydra/sweeper/pruner=percentile", "hydra.sweeper.pruner.percentile=1.0",
+    assert _search(sweep, "hydra/sweeper/pruner=percentile", "hydra.sweeper.pruner.percentile=1.0",
                    "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0",
-                   "search.inner_steps=6", n_trials=4)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                   "search.inner_steps=6", n_trials=4) == 0
     trials = _study(sweep).trials
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -178,20 +183,23 @@ def test_final_rejects_a_missing_best_file(tmp_path):
 
 def test_multi_objective_search_reports_a_pareto_front(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _search(sweep, "returns=[val_id,val_ood]", "hydra.sweeper.direction=[maximize,maximize]", n_trials=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _search(sweep, "returns=[val_id,val_ood]", "hydra.sweeper.direction=[maximize,maximize]", n_trials=2) == 0
     front = yaml.safe_load((sweep / "best_params.yaml").read_text())["pareto_front"]
     assert front and all(len(t["values"]) == 2 for t in front)
 
 
-def test_main_job_end_to_end_writes_the_report(tmp_path):
-    """`make run`'s pipeline on the tiny world: search, final trainings, WiSE-FT, report files."""
+def test_main_job_end_to_end_writes_the_report(tmp_path, monkeypatch):
+    """`make run`'s pipeline on the tiny world: search, final trainings, WiSE-FT, report files. In this process,
+    the search it launches too (tests/inprocess.py)."""
+    import autoft.methods
+    import autoft.pipeline
+
     out = tmp_path / "main"
     argv = ["--trials", "2", "--epochs", "1", "--out", str(out), "--search-override", "search.inner_steps=4",
             "--search-override", "search.eval_every=2", *overrides(), "logger=csv"]
-    proc = subprocess.run([sys.executable, "-m", "autoft.pipeline", *argv], capture_output=True, text=True,
-                          cwd=tmp_path, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(autoft.methods, "subprocess", subprocess_in_process())
+    monkeypatch.chdir(tmp_path)
+    assert call_main(autoft.pipeline.main, argv, prog=autoft.pipeline.__file__) == 0
     report = json.loads((out / "results.json").read_text())
     assert set(report["results"]) == {"zero-shot", "fine-tuning (ce)", "FT + WiSE-FT (alpha 0.5)", "AutoFT",
                                       "AutoFT + WiSE-FT (alpha 0.5)"}
