@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell { cat setup.cfg pyproject.toml; ls autoft/*.py autoft/model_configs/*.json autoft/data_files/*.json \
 	hydra_plugins/autoft_optuna_sweeper/*.py; } | md5sum | cut -c1-12)
 
-.PHONY: install run table test lint clean-cache
+.PHONY: install run table test test-faults-real lint clean-cache
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ table: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
+
+# The kill -9 rounds on the real fine-tuning app (tests/test_faults.py; make test runs them on a fake task): a few
+# minutes, so outside make test; .ci/run runs both.
+test-faults-real: $(STAMP)
+	AUTOFT_FAULTS_REAL=1 $(PY) -m pytest -q tests/test_faults.py -k kill_9_at_random_moments
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check autoft hydra_plugins benchmarks tests

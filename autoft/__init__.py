@@ -18,6 +18,10 @@ class UserError(Exception):
     ends_sweep = True
 
 
+class MissingData(UserError):
+    """A file or folder the dataset needs is not there (the data checker reports it as missing)."""
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes]], object]) -> Path:
     """Write ``data`` (text, bytes, or a function writing to a binary file) to a temporary file next to
     ``path`` and move it onto ``path``: a crash never leaves a half-written file where a good one was."""

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from autoft import UserError
-from autoft.data import MissingData, k_shot, subsample
+from autoft import MissingData, UserError
+from autoft.data import k_shot, subsample
 from autoft.imagecache import CachedImages, CachedLoaders, CacheFile, file_stat, rows_hash
 from autoft.imagecheck import bad_items, check_policy, dataset_items, decode, item_name
 from autoft.tensorprep import eval_prep

@@ -163,7 +163,7 @@ def class_count(cfg: DictConfig, given: int | None) -> int:
 
 
 def _best_params(path: str) -> dict[str, Any]:
-    from autoft.final import load_best_params
+    from autoft.best_params import load_best_params
 
     return load_best_params(best=path)
 

@@ -42,9 +42,9 @@ def _parser() -> argparse.ArgumentParser:
 def _items(d: DictConfig, root: str):
     """The checks of one dataset (each returns a short summary or raises a one-line :class:`UserError`),
     and a function giving the images of the named splits once their checks have passed."""
-    from autoft.data import present, wilds_checks
     from autoft.datasets import benchmark, kind_of
     from autoft.imagecheck import Items, dataset_items, file_items
+    from autoft.wildscheck import present, wilds_checks
 
     if kind_of(d) == "wilds":
         folder = wilds_checks(d.name, root, d.get("class_names"))
@@ -70,7 +70,7 @@ def _items(d: DictConfig, root: str):
 def check(d: DictConfig, root: str) -> tuple[list[tuple[str, str, str]], Callable[[], dict]]:
     """``(item, status, detail)`` rows (status: present, missing, malformed or not checked), and the
     images of the splits that were read."""
-    from autoft.data import MissingData
+    from autoft import MissingData
 
     try:
         items, images = _items(d, root)

@@ -31,18 +31,11 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from autoft import UserError
+from autoft import MissingData, UserError
 from autoft.classification import ClassificationDataModule, Split
-from autoft.data import (
-    MissingData,
-    WildsDataModule,
-    WildsSource,
-    open_wilds,
-    stratified_split,
-    subsample,
-    wilds_folder,
-)
+from autoft.data import WildsDataModule, WildsSource, open_wilds, stratified_split, subsample
 from autoft.imagecheck import check_policy
+from autoft.wildscheck import wilds_folder
 
 PCAM_CLASSNAMES = ("lymph node", "lymph node containing metastatic tumor tissue")  # CLIP's, as AutoFT used
 

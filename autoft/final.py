@@ -8,6 +8,12 @@ ID and OOD, and then evaluates WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-t
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # bad data or missing weights: one line before the imports below (about 12 s)
+    from autoft.best_params import load_best_params
+    from autoft.preflight import preflight
+
+    preflight("final", first=lambda cfg: load_best_params(cfg.best, cfg.study.storage, cfg.study.name, cfg.pick))
+
 import json
 import logging
 import sys
@@ -16,57 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import optuna
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from autoft import UserError, atomic_write
+from autoft.best_params import load_best_params
 from autoft.finetune import CONF_DIR, build, evaluate, finetune
 from autoft.loggers import finish_logger, make_logger
 from autoft.model import CLIPClassifier, interpolate
 
 log = logging.getLogger(__name__)
-
-
-def load_best_params(best: str | None = None, storage: str | None = None, name: str | None = None,
-                     pick: int | None = None) -> dict[str, Any]:
-    """The params of a finished search: from a ``best_params.yaml`` or from the study itself.
-
-    Multi-objective studies have a Pareto front, not a best trial: ``pick`` chooses a trial number
-    on it; by default the one best on the last objective (OOD validation).
-    """
-    if best:
-        path = Path(best)
-        if not path.is_file():
-            raise UserError(f"best-params file not found: {path}")
-        summary = yaml.safe_load(path.read_text())
-        if not isinstance(summary, dict) or not ({"best_params", "pareto_front"} & set(summary)):
-            raise UserError(f"{path}: not a best_params.yaml written by the autoft_optuna sweeper")
-        if "best_params" in summary:
-            return dict(summary["best_params"])
-        front = {t["trial"]: t for t in summary["pareto_front"]}
-    elif storage and name:
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            raise UserError(f"no study '{name}' in {storage}") from None
-        if len(study.directions) == 1:
-            try:
-                return dict(study.best_params)
-            except ValueError:
-                raise UserError(f"study '{name}' has no finished trial yet") from None
-        front = {t.number: {"params": t.params, "values": t.values} for t in study.best_trials}
-    else:
-        raise UserError("give best=<best_params.yaml> or study.storage=<url> study.name=<name>")
-    if not front:
-        raise UserError("the Pareto front is empty: no finished trial")
-    if pick is None:
-        pick = max(front, key=lambda n: front[n]["values"][-1])
-    if pick not in front:
-        raise UserError(f"trial {pick} is not on the Pareto front {sorted(front)}")
-    return dict(front[pick]["params"])
 
 
 def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:

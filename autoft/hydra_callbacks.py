@@ -1,14 +1,34 @@
-"""Hydra callbacks of the app (registered in conf/search/autoft.yaml's ``hydra.callbacks``)."""
+"""Hydra callbacks of the apps (registered under ``hydra.callbacks`` in conf/finetune.yaml, which every app
+config builds on, and conf/search/autoft.yaml)."""
 
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+
+class NoticesToRunLog(Callback):
+    """Library notices and warnings go to the run's log (Hydra's: stdout and ``<run dir>/<job>.log``), so that
+    stderr holds what went wrong and nothing else: a failed run's stderr is its one ``error:`` line.
+
+    Lightning gives its loggers a handler of their own on stderr when imported before logging is configured (as
+    the apps import it), which prints its "GPU available" banners and tips there; Python's warnings print to
+    stderr too. Both are sent through logging instead, to the handlers Hydra configured for the job.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        logging.captureWarnings(True)
+        for name in ("pytorch_lightning", "lightning_fabric"):
+            lib = logging.getLogger(name)
+            for handler in list(lib.handlers):
+                lib.removeHandler(handler)
+            lib.propagate = True
 
 
 class FreeFailedTrial(Callback):

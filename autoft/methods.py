@@ -24,6 +24,11 @@ Each job writes ``method.json`` (its row for :mod:`benchmarks/paper.py`); a job 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # bad data or missing weights: one line before the imports below (about 12 s)
+    from autoft.preflight import preflight
+
+    preflight("benchmark")
+
 import json
 import logging
 import subprocess
@@ -40,8 +45,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoft import UserError, atomic_write
+from autoft.best_params import load_best_params
 from autoft.datasets import open_data
-from autoft.final import final_train, load_best_params
+from autoft.final import final_train
 from autoft.finetune import CONF_DIR, dataset_root, weights_signature
 from autoft.model import CLIPClassifier
 from autoft.world import cache_dir, config_hash

@@ -24,8 +24,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from autoft import UserError, atomic_write
+from autoft.best_params import load_best_params
 from autoft.datasets import open_data
-from autoft.final import final_train, load_best_params
+from autoft.final import final_train
 from autoft.finetune import CONF_DIR, dataset_root, resolve_pretrained
 from autoft.methods import launch_search
 

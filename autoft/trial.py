@@ -38,6 +38,9 @@ class OptunaPruning(pl.Callback):
 
     def __init__(self, trial, key: str):
         self.trial, self.key = trial, key
+        # read once per trial (each is a storage query): Optuna prunes single-objective studies only
+        self.never_prunes = isinstance(trial.study.pruner, optuna.pruners.NopPruner)
+        self.multi_objective = len(trial.study.directions) > 1
         self.results: dict[str, float] = {}
 
     def on_validation_end(self, trainer: pl.Trainer, module: FineTuner) -> None:
@@ -45,9 +48,11 @@ class OptunaPruning(pl.Callback):
             return
         step = trainer.global_step
         self.trial.set_user_attr("inner_steps", step)  # what the run cost, pruned or not
-        if len(self.trial.study.directions) > 1:
-            return  # Optuna prunes single-objective studies only
+        if self.multi_objective:
+            return
         self.trial.report(module.results[self.key], step)
+        if self.never_prunes:  # the search's default (no pruner): asking would cost a storage read per validation
+            return
         if self.trial.should_prune():
             self.results = dict(module.results)  # the pruned trial's last metrics, for its W&B run
             raise optuna.TrialPruned(f"pruned at step {step}: {self.key}={module.results[self.key]:.4f}")

@@ -16,10 +16,18 @@ in this order:
 
 The tag's own settings travel with it: OpenAI's weights were trained with QuickGELU, which open_clip
 only warns about for a plain architecture name (``ViT-B-16``), so :class:`Weights` forces it.
+
+The tags' hub entries come from open_clip's own registry (:func:`open_clip_registry`). Importing
+open_clip takes about 8 s here, so an entry point's first check (:mod:`autoft.preflight`) reads the
+same registry from a snapshot shipped with the package (``data_files/open_clip_registry.json``,
+written by ``python -m autoft.weights --write-registry``; a test compares it with the installed
+open_clip) and only when the snapshot's open_clip version is the installed one.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import threading
 import urllib.error
@@ -27,12 +35,19 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from autoft import UserError
+from autoft import UserError, atomic_write
 
 CHECK_TIMEOUT = 3.0  # seconds the hub has to answer before it counts as unreachable
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+REGISTRY_FILE = "open_clip_registry.json"
+# A registry: {"open_clip": version, "weights_names": [safetensors, other], "models": {name: {tag: entry}}},
+# each entry {"hf_hub": "org/repo/file" or "", "quick_gelu": bool}: the part of open_clip's that resolve() reads.
+Registry = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -50,19 +65,42 @@ def is_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or Path(pretrained).exists()
 
 
-def hub_files(name: str, tag: str) -> tuple[str, list[str]] | None:
-    """The hub repository of a tag's weights and the file names open_clip asks for, in its order (the
-    safetensors version first), or None for a tag without a hub entry."""
+def open_clip_registry() -> Registry:
+    """The installed open_clip's pretrained tags, as :func:`resolve` reads them."""
     import open_clip
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-    hub = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "")
+    models: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        models.setdefault(name, {})[tag] = {"hf_hub": cfg.get("hf_hub", ""),
+                                            "quick_gelu": bool(cfg.get("quick_gelu", False))}
+    return {"open_clip": open_clip.__version__, "weights_names": [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME],
+            "models": models}
+
+
+def shipped_registry() -> Registry | None:
+    """The snapshot shipped with the package, or None when it was taken from another open_clip version than
+    the installed one (its tags could differ: only open_clip itself answers then)."""
+    registry = json.loads(files("autoft").joinpath("data_files", REGISTRY_FILE).read_text())
+    try:
+        installed = metadata.version("open_clip_torch")
+    except metadata.PackageNotFoundError:
+        return None
+    return registry if registry["open_clip"] == installed else None
+
+
+def hub_files(registry: Registry, name: str, tag: str) -> tuple[str, list[str]] | None:
+    """The hub repository of a tag's weights and the file names open_clip asks for, in its order (the
+    safetensors version first), or None for a tag without a hub entry."""
+    hub = registry["models"][name][tag]["hf_hub"]
     if not hub:
         return None
+    safe_name, default_name = registry["weights_names"]
     repo, filename = os.path.split(hub)  # 'org/repo/file' or 'org/repo/' (open_clip's default file name)
-    filename = filename or HF_WEIGHTS_NAME
-    if filename == HF_WEIGHTS_NAME:
-        return repo, [HF_SAFE_WEIGHTS_NAME, filename]
+    filename = filename or default_name
+    if filename == default_name:
+        return repo, [safe_name, filename]
     if filename.endswith((".bin", ".pth")):
         return repo, [filename[:-4] + ".safetensors", filename]
     return repo, [filename]
@@ -110,25 +148,25 @@ def cache_folder() -> str:
     return constants.HF_HUB_CACHE
 
 
-def resolve(name: str, pretrained: str | None) -> Weights:
+def resolve(name: str, pretrained: str | None, registry: Registry | None = None) -> Weights:
     """Where ``pretrained`` weights for open_clip model ``name`` come from; one :class:`UserError` line
-    (within about :data:`CHECK_TIMEOUT` seconds) when they are neither local nor downloadable."""
-    import open_clip
-
+    (within about :data:`CHECK_TIMEOUT` seconds) when they are neither local nor downloadable.
+    ``registry``: open_clip's tags (default: asked of open_clip itself)."""
     if not pretrained:
         return Weights(None)
     if is_path(pretrained):
         if not Path(pretrained).is_file():
             raise UserError(f"checkpoint file not found: {pretrained}")
         return Weights(pretrained)
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    registry = registry or open_clip_registry()
+    tags = list(registry["models"].get(name, {}))
     if pretrained not in tags:
         raise UserError(f"unknown pretrained tag '{pretrained}' for {name}; known: {', '.join(tags) or 'none'}")
-    quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
-    files = hub_files(name, pretrained)
-    if files is None:  # a tag open_clip downloads from a URL: leave it to open_clip
+    quick_gelu = registry["models"][name][pretrained]["quick_gelu"]
+    found = hub_files(registry, name, pretrained)
+    if found is None:  # a tag open_clip downloads from a URL: leave it to open_clip
         return Weights(pretrained, quick_gelu=quick_gelu)
-    repo, names = files
+    repo, names = found
     if cached_file(repo, names):
         return Weights(pretrained, offline=True, quick_gelu=quick_gelu)
     if hub_reachable():
@@ -152,3 +190,18 @@ def hub_offline(offline: bool = True) -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = previous
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m autoft.weights --write-registry``: refresh the shipped snapshot of open_clip's registry
+    (after an open_clip upgrade; the registry test says when)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--write-registry", action="store_true", required=True)
+    p.parse_args(argv)
+    path = Path(__file__).parent / "data_files" / REGISTRY_FILE
+    atomic_write(path, json.dumps(open_clip_registry(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,10 +5,12 @@ Three timings, each with an empty Hugging Face cache (``HF_HOME`` in a temporary
 
 * ``load_clip``: ``autoft.model.load_clip('ViT-B-16', 'openai')`` in this process, to its UserError;
 * ``command``: ``python -m autoft.finetune dataset=iwildcam model=vit_b16`` on a tiny iWildCam v2.0 folder
-  (written here), start to exit, with its exit status and stderr's ``error:`` lines; ``imports`` is
-  ``python -c "import autoft.finetune"`` alone, the part of it that is Python starting and importing
-  torch, Lightning, wilds and open_clip. Each with its CPU seconds (user + system), which is about
-  what it takes on a quiet machine when the wall time of a shared one is not;
+  (written here), start to exit, with its exit status and stderr's ``error:`` lines. The command
+  answers from :mod:`autoft.preflight` before importing the training stack; ``imports`` is
+  ``python -c "import autoft.finetune"``, Python starting and importing torch, Lightning, wilds and
+  open_clip: what the command took when its check came after them. Each with its CPU seconds
+  (user + system), which is about what it takes on a quiet machine when the wall time of a shared
+  one is not;
 * ``--baseline``: open_clip's own ``create_model_and_transforms('ViT-B-16', pretrained='openai')``, which
   retries the hub before it fails (what a run did before autoft.weights).
 

@@ -1,5 +1,6 @@
 """The budgets' batch sizes: ``dataset.budget.inner_batch_size`` reaches the search's trials and
-``final_batch_size`` the methods suite's final training, read from the trainer's train dataloader."""
+``final_batch_size`` final training (the methods suite's and ``python -m autoft.final``'s), read from the trainer's
+train dataloader."""
 
 from __future__ import annotations
 
@@ -49,10 +50,9 @@ def test_a_search_trial_trains_at_the_budgets_inner_batch_size(tmp_path):
     assert module.trainer.train_dataloader.batch_size == 24  # search=embedded itself says 128
 
 
-def test_final_training_of_the_methods_suite_uses_the_final_batch_size(tmp_path, monkeypatch):
-    from autoft.methods import run
-
-    seen = []
+def _record_train_batch_size(monkeypatch) -> list[int]:
+    """The batch size of each final training's train dataloader, as the trainer sees it."""
+    seen: list[int] = []
 
     class Record(pl.Callback):
         def on_train_start(self, trainer, module):
@@ -62,8 +62,26 @@ def test_final_training_of_the_methods_suite_uses_the_final_batch_size(tmp_path,
         return finetune(cfg, model, data, logger, [*(callbacks or []), Record()], **kwargs)
 
     monkeypatch.setattr(autoft.final, "finetune", spy)
+    return seen
+
+
+def test_final_training_of_the_methods_suite_uses_the_final_batch_size(tmp_path, monkeypatch):
+    from autoft.methods import run
+
+    seen = _record_train_batch_size(monkeypatch)
     cfg = _benchmark(tmp_path, "method=ft", "dataset.budget.final_batch_size=40", "trainer.max_steps=1",
                      "wise_alphas=[1.0]")
     assert cfg.dataset.batch_size == 40
     run(cfg, [])
+    assert seen == [40]
+
+
+def test_final_training_app_uses_the_final_batch_size(tmp_path, monkeypatch):
+    """conf/final.yaml (python -m autoft.final) takes the dataset's final budget, as conf/benchmark.yaml does."""
+    seen = _record_train_batch_size(monkeypatch)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("final", overrides=[*TINY, "dataset.budget.final_batch_size=40", "trainer.max_steps=1",
+                                          "wise_alphas=[1.0]", f"output_dir={tmp_path / 'out'}"])
+    assert cfg.dataset.batch_size == 40 and cfg.trainer.max_epochs == cfg.dataset.budget.final_epochs
+    autoft.final.final_train(cfg, {}, tmp_path / "out")
     assert seen == [40]

@@ -143,7 +143,8 @@ def test_final_training_uses_the_best_params_and_wise_ft_grid(searched, tmp_path
     """In-process (the command line's main is run by tests/test_ddp.py): the searched lr, weight decay and
     loss weights reach the optimizer and the objective of the final run."""
     import autoft.finetune as ft
-    from autoft.final import final_train, load_best_params
+    from autoft.best_params import load_best_params
+    from autoft.final import final_train
 
     best = yaml.safe_load((searched / "best_params.yaml").read_text())["best_params"]
     params = load_best_params(str(searched / "best_params.yaml"))

@@ -1,0 +1,86 @@
+"""An entry point's first look at its data and weights, before it imports the training stack.
+
+Importing torch, Lightning, open_clip and wilds takes about 12 s here (``benchmarks/offline_weights.py``),
+so a run that cannot find its data or cannot get its weights would say so only after that. The app
+modules (``autoft.finetune``, ``autoft.methods``, ``autoft.final``) therefore call :func:`preflight`
+under ``if __name__ == "__main__"`` above their imports: it composes the config Hydra will compose from
+the same command line and runs the run's own checks that need no heavy import, in the run's order:
+
+1. the data: a WILDS folder's files, metadata and class names (:mod:`autoft.wildscheck`);
+2. the weights: :func:`autoft.weights.resolve` on the shipped snapshot of open_clip's registry.
+
+Failing, it prints the run's one ``error:`` line and exits 2, in a second or two. What it cannot check
+cheaply it leaves to the run, which checks the same in the same order: other dataset kinds (their
+readers import torch: then the weights wait for them too), a model name open_clip has no tags for, a
+snapshot from another open_clip version. Hydra's own flags (``--multirun``, ``--cfg``, ...) and a
+command Hydra would reject skip it: Hydra answers those itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from autoft import UserError
+
+# The repo's top-level conf/ (resolved through the editable install's symlinks).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def configured_root(d: DictConfig) -> str:
+    """A dataset's data root: ``dataset.root``, then ``AUTOFT_DATA``; one line when neither is set."""
+    root = d.root or os.environ.get("AUTOFT_DATA")
+    if not root:
+        raise UserError(f"no data root for dataset '{d.name}': set dataset.root=... or AUTOFT_DATA")
+    return root
+
+
+def check(cfg: DictConfig) -> None:
+    """The data, then the weights, as far as they can be checked without torch (see the module docstring)."""
+    from autoft.weights import is_path, resolve, shipped_registry
+    from autoft.wildscheck import wilds_checks
+
+    d, m = cfg.get("dataset"), cfg.get("model")
+    if d is None or m is None:
+        return
+    if d.get("world") is None or d.root:  # the embedded world is generated; real data must be there
+        if (d.get("kind") or "wilds") != "wilds":
+            return
+        for run_check in wilds_checks(d.name, configured_root(d), d.get("class_names")).checks.values():
+            run_check()
+    pretrained = m.get("pretrained")
+    if not pretrained or pretrained == "embedded":  # random init, or the project's own tiny CLIP
+        return
+    registry = shipped_registry()
+    if is_path(pretrained) or (registry is not None and m.name in registry["models"]):
+        resolve(m.name, pretrained, registry)
+
+
+def preflight(config_name: str, argv: list[str] | None = None,
+              first: Callable[[DictConfig], object] | None = None) -> None:
+    """Compose ``config_name`` with the command line's overrides, run ``first`` (what the app reads before its
+    data: ``autoft.final``'s searched params) and :func:`check` it; exit 2 with one line on a
+    :class:`UserError`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name, overrides=list(argv))
+    except Exception:  # noqa: BLE001 - a command Hydra rejects: Hydra's own message follows
+        return
+    try:
+        if first is not None:
+            first(cfg)
+        check(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # noqa: BLE001 - anything else (an interpolation that fails, say): the run reports it
+        return
