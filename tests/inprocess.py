@@ -9,7 +9,8 @@ command line, its error handling) still runs, and only the process start is skip
 
 What a process would have isolated is restored here: Hydra's per-run singletons (a nested app, the search inside
 a methods job, gets its own and hands the outer run's back), ``sys.argv``, and the loggers Hydra's job logging
-reconfigures.
+reconfigures. What a module runs only as ``__main__`` does not run here: the apps' preflight (autoft/preflight.py),
+which steps aside for Hydra flags such as ``-m``; so :func:`run_module` takes multiruns only.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def run_script(script: Path, argv: list[str]) -> int:
 
 
 def run_module(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-    """Stands in for ``subprocess.run([sys.executable, "-m", module, *argv])`` of a launcher that neither
-    captures output nor passes other options (output goes where the test's output goes)."""
-    if cmd[:2] != [sys.executable, "-m"] or kwargs:
-        raise AssertionError(f"not a plain `python -m` launch, run it as a subprocess: {cmd} {kwargs}")
+    """Stands in for ``subprocess.run([sys.executable, "-m", module, "-m", *overrides])`` (a Hydra multirun, as
+    paper.py's sweeps and the AutoFT search are) of a launcher that neither captures output nor passes other
+    options: output goes where the test's output goes."""
+    if cmd[:2] != [sys.executable, "-m"] or "-m" not in cmd[3:] or kwargs:
+        raise AssertionError(f"not a plain `python -m` multirun, run it as a subprocess: {cmd} {kwargs}")
     module = importlib.import_module(cmd[2])
     return subprocess.CompletedProcess(cmd, call_main(module.main, cmd[3:], prog=module.__file__))
 

@@ -56,14 +56,15 @@ def test_exit_status_is_the_commands_and_loggers_are_put_back(tmp_path, capsys):
     assert call_main(lambda: 2, [], "returns") == 2  # a module that exits with sys.exit(main())
 
 
-def test_only_plain_python_m_launches_run_in_process():
+def test_only_plain_python_m_multiruns_run_in_process():
     fake = subprocess_in_process()
     assert fake.run is run_module and fake.PIPE is not None and fake.Popen.__name__ == "Popen"
-    for cmd, kwargs in (([sys.executable, "-c", "pass"], {}), ([sys.executable, "-m", "autoft.finetune"],
-                                                                {"capture_output": True})):
+    for cmd, kwargs in (([sys.executable, "-c", "pass"], {}),  # not python -m
+                        ([sys.executable, "-m", "autoft.finetune", "-m"], {"capture_output": True}),  # captured
+                        ([sys.executable, "-m", "autoft.finetune", "dataset=iwildcam"], {})):  # a run: its preflight
         try:
             run_module(cmd, **kwargs)
         except AssertionError as e:
-            assert "run it as a subprocess" in str(e)
+            assert "run it as a subprocess" in str(e), e
         else:
             raise AssertionError(f"ran in process: {cmd} {kwargs}")
