@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from autoft import UserError
-from autoft.prefetch import PrefetchLoader
+from autoft.prefetch import PrefetchLoader, read_ahead
 from autoft.tensorprep import TensorPrep, model_input, train_prep
 
 log = logging.getLogger(__name__)
@@ -207,13 +207,17 @@ class CachedLoaders:
             self._loaders[key] = PrefetchLoader(
                 data, batch_size=bs, shuffle=train, drop_last=train and len(data) > bs, collate_fn=_batch,
                 num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                pin_memory=torch.cuda.is_available(), prepare=self._train_input if train and self._on_cpu() else None)
+                pin_memory=torch.cuda.is_available(), prepare=self._prepare(train))
         return self._loaders[key]
 
-    def _on_cpu(self) -> bool:
-        """Training on the CPU: the train loader then makes the model's input itself (see autoft.prefetch)."""
+    def _prepare(self, train: bool) -> Callable | None:
+        """What a cached loader's thread does ahead of the loop (see autoft.prefetch): on the CPU the train
+        loader makes the model's input; on a GPU every loader reads and pins; else nothing is ahead."""
         trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cpu"
+        device = trainer.strategy.root_device.type if trainer is not None else None
+        if device == "cpu":
+            return self._train_input if train else None
+        return read_ahead if device == "cuda" else None
 
     def _train_input(self, batch, generator: torch.Generator):
         x, y, meta = batch

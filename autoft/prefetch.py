@@ -4,7 +4,9 @@ Reading a cached batch and making it the model's input (random resized crop, nor
 a batch on one CPU core) runs in Lightning's loop between two training steps, so a search paid it once
 per step, hundreds of steps per trial. On CPU,
 :class:`PrefetchLoader` does both on a background thread, one or two batches ahead, on another core.
-(On a GPU the crop is a few kernels queued on the device, so the loader there only reads.)
+On a GPU the crop is a few kernels queued on the device, so the thread there only reads the batch and
+pins it, for training and evaluation alike: what the main thread paid between two steps while the GPU
+idled (about 6 ms a batch of 128 on the H200 machine, 0.3 s of a 50-step trial).
 
 Randomness stays the trial's: the loader's own generator, seeded from the global RNG (which the trial
 seeded) when an epoch's iterator is made in the main thread, shuffles the batches and draws the crops;
@@ -53,7 +55,9 @@ class _Ahead:
     def __init__(self, batches: Iterator, prepare: Callable, generator: torch.Generator):
         self.ready: queue.Queue = queue.Queue(maxsize=1)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=_fill, args=(batches, prepare, generator, self.ready, self.stop),
+        # pinning needs the main thread's CUDA device (a DDP rank's own), not device 0 by default
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+        self.thread = threading.Thread(target=_fill, args=(batches, prepare, generator, self.ready, self.stop, device),
                                        name="autoft-prefetch", daemon=True)
         self.thread.start()
 
@@ -72,10 +76,17 @@ class _Ahead:
         self.stop.set()
 
 
+def read_ahead(batch: Any, generator: torch.Generator) -> Any:
+    """``prepare`` for a loader whose thread only reads (and pins) its batches ahead: the batch as read."""
+    return batch
+
+
 def _fill(batches: Iterator, prepare: Callable, generator: torch.Generator, ready: queue.Queue,
-          stop: threading.Event) -> None:
+          stop: threading.Event, device: int | None) -> None:
     """The thread: prepare each batch and hand it over, until the batches end, an error, or ``stop``."""
     try:
+        if device is not None:
+            torch.cuda.set_device(device)
         for batch in batches:
             item = prepare(batch, generator)
             while not stop.is_set():

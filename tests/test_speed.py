@@ -19,9 +19,10 @@ import autoft.finetune as ft
 import autoft.trial as trial
 from autoft.data import WildsDataModule
 from autoft.datasets import ArrayImages, ClassificationDataModule, Split
+from autoft.imagecache import CachedLoaders
 from autoft.loggers import wait_for_runs
 from autoft.model import CLIPClassifier, load_clip
-from autoft.prefetch import PrefetchLoader
+from autoft.prefetch import PrefetchLoader, read_ahead
 from autoft.tensorprep import eval_prep, model_input, random_resized_crop
 from tests.conftest import overrides
 
@@ -192,7 +193,7 @@ def test_trials_leave_the_model_on_its_device_and_drop_the_optimizer_state(tmp_p
     module = ft.finetune(cfg, model, data)  # Lightning's own teardown, for contrast
     assert moves and module.trainer.optimizers[0].state
     moves.clear()
-    module = ft.finetune(cfg, model, data, **trial.keep_on_device({"devices": 1, "accelerator": "cpu"}))
+    module = ft.finetune(cfg, model, data, **trial.trainer_overrides({"devices": 1, "accelerator": "cpu"}))
     assert isinstance(module.trainer.strategy, trial.KeepOnDevice) and module.trainer.global_step == 2
     assert not moves and not module.trainer.optimizers[0].state
     ft._BUILT.clear()
@@ -212,6 +213,14 @@ def test_search_trials_validate_only_what_they_are_scored_on(tmp_path):
     with open_dict(cfg):
         cfg.returns = ["val_id", "val_ood"]
     assert trial.validation_keys(cfg, search=True) == ("val_id", "val_ood")
+
+
+@pytest.mark.parametrize("steps, every, validates_at", [(4, 25, 4), (50, 25, 25), (-1, 25, 25), (4, 0.5, 0.5)])
+def test_a_step_budget_shorter_than_the_validation_interval_validates_at_its_end(steps, every, validates_at):
+    """search.inner_steps=4 under eval_every=25: Lightning would never validate and the trial have no value."""
+    got = trial.trainer_overrides({"max_steps": steps, "val_check_interval": every, "devices": 1, "accelerator": "cpu"})
+    assert isinstance(got["strategy"], trial.KeepOnDevice)
+    assert got.get("val_check_interval", every) == validates_at
 
 
 def _noisy(batch, generator):
@@ -252,6 +261,31 @@ def test_prefetch_thread_stops_when_an_epoch_is_left_and_raises_in_the_main_thre
 
     with pytest.raises(ValueError, match="bad batch"):
         next(iter(PrefetchLoader(data, batch_size=2, prepare=broken)))
+
+
+@pytest.mark.parametrize("device, train, expected", [
+    ("cpu", True, "_train_input"), ("cpu", False, None), ("cuda", True, "read_ahead"), ("cuda", False, "read_ahead"),
+    (None, True, None)])
+def test_cached_loaders_read_ahead_on_a_gpu_and_make_the_train_input_ahead_on_cpu(device, train, expected):
+    """What each cached loader's thread does, by the trainer's device (None: no trainer, nothing ahead)."""
+    class Strategy:
+        root_device = torch.device(device) if device else None
+
+    loaders = CachedLoaders()
+    if device:
+        loaders.trainer = type("Trainer", (), {"strategy": Strategy()})()
+    prepare = loaders._prepare(train)
+    assert (prepare.__name__ if prepare else None) == expected
+
+
+def test_read_ahead_batches_equal_the_plain_loader_s():
+    """A loader that only reads ahead (a GPU's) gives the batches, in the order, of one that does not."""
+    data = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    torch.manual_seed(5)
+    ahead = list(PrefetchLoader(data, batch_size=4, shuffle=True, prepare=read_ahead))
+    torch.manual_seed(5)
+    plain = list(PrefetchLoader(data, batch_size=4, shuffle=True))
+    assert len(ahead) == 5 and all(torch.equal(a, b) for a, b in zip(ahead, plain, strict=True))
 
 
 class _AlwaysPrune(optuna.pruners.BasePruner):
