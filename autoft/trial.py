@@ -90,11 +90,20 @@ def _single_device(kwargs: dict[str, Any]) -> torch.device | None:
     return None
 
 
-def keep_on_device(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Trainer overrides that leave the model on its device after fit and test (:class:`KeepOnDevice`),
-    on one device; none for DDP, several devices or other accelerators (they keep their own)."""
+def trainer_overrides(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a run changes in its configured Trainer arguments.
+
+    The model stays on its device after fit and test (:class:`KeepOnDevice`) on one device; DDP,
+    several devices and other accelerators keep their own strategy. And a step budget shorter than
+    the validation interval (``search.inner_steps=10`` under the default ``search.eval_every=25``)
+    validates once, at its end: Lightning would never validate, and the trial would have no value.
+    """
     device = _single_device(trainer_cfg)
-    return {"strategy": KeepOnDevice(device)} if device is not None else {}
+    overrides: dict[str, Any] = {"strategy": KeepOnDevice(device)} if device is not None else {}
+    steps, every = trainer_cfg.get("max_steps", -1), trainer_cfg.get("val_check_interval")
+    if isinstance(every, int) and 0 < steps < every:
+        overrides["val_check_interval"] = steps
+    return overrides
 
 
 def validation_keys(cfg: DictConfig, search: bool) -> tuple[str, ...]:
@@ -123,7 +132,7 @@ def run(cfg: DictConfig) -> float | list[float]:
     state = "failed"
     try:  # the model stays on its device: the next trial starts there
         module = finetune(cfg, model, data, logger, pruning,
-                          **keep_on_device(OmegaConf.to_container(cfg.trainer, resolve=True)))
+                          **trainer_overrides(OmegaConf.to_container(cfg.trainer, resolve=True)))
         results, state = module.results, "finished"
     except optuna.TrialPruned:
         results, state = pruning[0].results, "pruned"

@@ -115,7 +115,7 @@ def run_point(params: dict[str, Any], args: argparse.Namespace, out: Path) -> di
 
     from autoft.final import final_train
     from autoft.finetune import VAL_KEYS, build, finetune
-    from autoft.trial import keep_on_device
+    from autoft.trial import trainer_overrides
 
     given = [_override(k, v) for k, v in params.items()]
     row: dict[str, Any] = {"params": params, "inner": {}}
@@ -129,7 +129,7 @@ def run_point(params: dict[str, Any], args: argparse.Namespace, out: Path) -> di
             pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
             data.val_keys = VAL_KEYS  # a search trial scores val_ood alone; ID val tells a collapse here
             try:
-                module = finetune(cfg, model, data, **keep_on_device(OmegaConf.to_container(cfg.trainer)))
+                module = finetune(cfg, model, data, **trainer_overrides(OmegaConf.to_container(cfg.trainer)))
                 res, metric = module.results, cfg.dataset.get("search_metric") or cfg.dataset.metric
                 inner = {"score": res[f"val_ood/{metric}"], "val_id": res[f"val_id/{cfg.dataset.metric}"],
                          "moved": _moved(model, pretrained)}
