@@ -12,6 +12,10 @@
 #   benchmarks/gpu_check.sh run     # there (device tool: carry [".whl"], command
 #                                   # "bash benchmarks/gpu_check.sh run", timeout_s 560): installs the
 #                                   # wheels offline into /tmp/site, runs, writes to $OUT (or ./gpu_check_out)
+#   benchmarks/gpu_check.sh trials  # there too (timeout_s 300): the trial breakdown alone, twice: the
+#                                   # embedded world's default search (batch 128, 50 steps, 2000 OOD images
+#                                   # validated every 25 steps) and the paper's iWildCam trial shape on the same
+#                                   # world (batch 256, 100 steps, 1000 OOD images), about 3 minutes
 #
 # Time on an H200 (2026-11-28): 224-230 s in all. That is the install and the CUDA tests (about 20 s),
 # then the eager run (about 100 s: steps, three trials of the embedded search with the world generated
@@ -39,7 +43,7 @@ fetch)
     .venv/bin/python -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # an sdist only: built here
     ls .whl
     ;;
-run)
+run|trials)
     OUT="${OUT:-$PWD/gpu_check_out}"
     mkdir -p "$OUT"
     log="$OUT/run.log"  # one log: the device tool brings back 8 files at most
@@ -47,6 +51,19 @@ run)
     export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 AUTOFT_CACHE=/tmp/autoft-cache WANDB_MODE=disabled
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
     python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$log"
+    if [ "$1" = trials ]; then
+        # wandb is not on that machine: the trials' W&B runs fail in their background thread, off the trial's path
+        trials="--device cuda --model vit_b16 --sections trial"
+        # shellcheck disable=SC2086
+        timeout 120 python3 benchmarks/throughput.py $trials --trials 6 --out "$OUT/embedded" 2>&1 | tee -a "$log" \
+            || echo "embedded trials failed or timed out" | tee -a "$log"
+        # shellcheck disable=SC2086
+        timeout 150 python3 benchmarks/throughput.py $trials --trials 4 --out "$OUT/paper_shape" \
+            --trial-override search.inner_steps=100 --trial-override dataset.batch_size=256 \
+            --trial-override dataset.ood_val_size=1000 2>&1 | tee -a "$log" \
+            || echo "paper-shape trials failed or timed out" | tee -a "$log"
+        exit 0
+    fi
     # the fused foreach norm gradients on CUDA against autograd (skipped where there is no GPU, as in CI)
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_objective.py -k cuda 2>&1 | tee -a "$log" \
         || echo "CUDA test failed or timed out" | tee -a "$log"
@@ -63,7 +80,7 @@ run)
         --out "$OUT/compiled" 2>&1 | tee -a "$log" || echo "compiled run failed or timed out" | tee -a "$log"
     ;;
 *)
-    echo "usage: $0 fetch|run" >&2
+    echo "usage: $0 fetch|run|trials" >&2
     exit 2
     ;;
 esac
