@@ -15,7 +15,8 @@
 #   benchmarks/gpu_check.sh trials  # there too (timeout_s 300): the trial breakdown alone, twice: the
 #                                   # embedded world's default search (batch 128, 50 steps, 2000 OOD images
 #                                   # validated every 25 steps) and the paper's iWildCam trial shape on the same
-#                                   # world (batch 256, 100 steps, 1000 OOD images), about 3 minutes
+#                                   # world (batch 256, 100 steps, 1000 OOD images), then the embedded search
+#                                   # validated once (eval_every 50), about 4 minutes
 #
 # Time on an H200 (2026-11-28): 224-230 s in all. That is the install and the CUDA tests (about 20 s),
 # then the eager run (about 100 s: steps, three trials of the embedded search with the world generated
@@ -62,6 +63,11 @@ run|trials)
             --trial-override search.inner_steps=100 --trial-override dataset.batch_size=256 \
             --trial-override dataset.ood_val_size=1000 2>&1 | tee -a "$log" \
             || echo "paper-shape trials failed or timed out" | tee -a "$log"
+        # the embedded search validated once, at its end (what its trials cost without the step-25 report)
+        # shellcheck disable=SC2086
+        timeout 90 python3 benchmarks/throughput.py $trials --trials 4 --out "$OUT/embedded_one_val" \
+            --trial-override search.eval_every=50 2>&1 | tee -a "$log" \
+            || echo "one-validation trials failed or timed out" | tee -a "$log"
         exit 0
     fi
     # the fused foreach norm gradients on CUDA against autograd (skipped where there is no GPU, as in CI)
