@@ -16,6 +16,7 @@ timing nor on earlier trials in the process.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +26,18 @@ import torch
 from torch.utils.data import DataLoader
 
 _END = object()
+_RUNNING: dict[threading.Thread, threading.Event] = {}  # the threads alive, and how to stop each
+
+
+@atexit.register
+def _stop_all(timeout: float = 10.0) -> None:
+    """Stop and join every prefetch thread before the interpreter finalizes. A daemon thread still inside
+    a torch call then (pinning a batch, a crop) is ended in C++ mid-call, which aborts the process
+    ("terminate called without an active exception", exit 134), as the H200 check saw after a finished
+    search whose last train iterator was left mid-epoch."""
+    for thread, stop in list(_RUNNING.items()):
+        stop.set()
+        thread.join(timeout)
 
 
 class PrefetchLoader(DataLoader):
@@ -59,6 +72,7 @@ class _Ahead:
         device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
         self.thread = threading.Thread(target=_fill, args=(batches, prepare, generator, self.ready, self.stop, device),
                                        name="autoft-prefetch", daemon=True)
+        _RUNNING[self.thread] = self.stop
         self.thread.start()
 
     def __iter__(self) -> _Ahead:
@@ -84,6 +98,14 @@ def read_ahead(batch: Any, generator: torch.Generator) -> Any:
 def _fill(batches: Iterator, prepare: Callable, generator: torch.Generator, ready: queue.Queue,
           stop: threading.Event, device: int | None) -> None:
     """The thread: prepare each batch and hand it over, until the batches end, an error, or ``stop``."""
+    try:
+        _fill_until_stopped(batches, prepare, generator, ready, stop, device)
+    finally:
+        _RUNNING.pop(threading.current_thread(), None)
+
+
+def _fill_until_stopped(batches: Iterator, prepare: Callable, generator: torch.Generator, ready: queue.Queue,
+                        stop: threading.Event, device: int | None) -> None:
     try:
         if device is not None:
             torch.cuda.set_device(device)

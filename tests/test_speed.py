@@ -4,6 +4,8 @@ batches made ahead on a thread, W&B runs written after their trial."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import optuna
@@ -276,6 +278,33 @@ def test_cached_loaders_read_ahead_on_a_gpu_and_make_the_train_input_ahead_on_cp
         loaders.trainer = type("Trainer", (), {"strategy": Strategy()})()
     prepare = loaders._prepare(train)
     assert (prepare.__name__ if prepare else None) == expected
+
+
+_EXIT_WITH_A_THREAD_MID_BATCH = """
+import sys, time
+from pathlib import Path
+import torch
+from autoft.prefetch import PrefetchLoader
+
+def slow(batch, generator):
+    time.sleep(0.5)
+    with Path(sys.argv[1]).open("a") as f:
+        f.write("prepared\\n")
+    return batch
+
+batches = iter(PrefetchLoader(torch.zeros(64, 2), batch_size=2, prepare=slow))
+next(batches)  # the thread is preparing the next batch when the process ends, the iterator still held
+"""
+
+
+def test_a_process_ends_only_after_its_prefetch_threads_stopped(tmp_path):
+    """A daemon thread still inside a torch call at interpreter shutdown aborts the process (the H200 check:
+    exit 134 after a finished search); the thread is stopped and joined at exit, its batch finished."""
+    marker = tmp_path / "prepared.txt"
+    done = subprocess.run([sys.executable, "-c", _EXIT_WITH_A_THREAD_MID_BATCH, str(marker)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text().splitlines() == ["prepared", "prepared"]
 
 
 def test_read_ahead_batches_equal_the_plain_loader_s():
