@@ -12,16 +12,24 @@ the same command line and runs the run's own checks that need no heavy import, i
 Failing, it prints the run's one ``error:`` line and exits 2, in a second or two. What it cannot check
 cheaply it leaves to the run, which checks the same in the same order: other dataset kinds (their
 readers import torch: then the weights wait for them too), a model name open_clip has no tags for, a
-snapshot from another open_clip version. Hydra's own flags (``--multirun``, ``--cfg``, ...) and a
-command Hydra would reject skip it: Hydra answers those itself.
+snapshot from another open_clip version. A multirun (``-m``) is only composed, each job checks its own
+data; Hydra's other flags (``--cfg``, ...) skip it.
+
+A command line Hydra rejects (an unknown config name, a key not in the config) is answered by Hydra's
+own main at once, before the imports too: the same message and exit status 1 as after them, nothing
+written. Its job would import the app and run it, should Hydra accept what the composition here did
+not; an accepted command imports the app before Hydra starts, as it always did (Lightning sets up its
+loggers at import, differently once Hydra has configured logging: see autoft.hydra_callbacks).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -29,6 +37,7 @@ from autoft import UserError
 
 # The repo's top-level conf/ (resolved through the editable install's symlinks).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+MULTIRUN_FLAGS = frozenset({"-m", "--multirun"})
 
 
 def configured_root(d: DictConfig) -> str:
@@ -60,20 +69,51 @@ def check(cfg: DictConfig) -> None:
         resolve(m.name, pretrained, registry)
 
 
+def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
+    """The config Hydra's main composes from these overrides; a multirun's before its sweep is expanded."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        if not multirun:
+            return compose(config_name, overrides=overrides)
+        # the compose API composes single runs only; this is the call Hydra's main makes for a multirun (hydra 1.3)
+        return GlobalHydra.instance().hydra.compose_config(config_name, overrides, run_mode=RunMode.MULTIRUN,
+                                                           from_shell=True)
+
+
+def _hydra_answers(config_name: str, app: str) -> NoReturn:
+    """Hydra's own main on the command line, to reject it as it would after the app's imports; its job imports
+    ``app`` and runs that module's ``main`` (a ``hydra.main`` function takes a composed config too)."""
+    import hydra
+
+    def job(cfg: DictConfig) -> Any:
+        return importlib.import_module(app).main(cfg)
+
+    job.__module__ = app  # Hydra names the job (hydra.job.name, its log file) after the module of its task
+    hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(job)()
+    sys.exit(0)
+
+
 def preflight(config_name: str, argv: list[str] | None = None,
-              first: Callable[[DictConfig], object] | None = None) -> None:
+              first: Callable[[DictConfig], object] | None = None, app: str | None = None) -> None:
     """Compose ``config_name`` with the command line's overrides, run ``first`` (what the app reads before its
     data: ``autoft.final``'s searched params) and :func:`check` it; exit 2 with one line on a
-    :class:`UserError`."""
+    :class:`UserError`. ``app``: the module whose ``main`` runs this command line (``sys.argv``), given by the
+    entry points; a command Hydra rejects then exits here with Hydra's message."""
     argv = sys.argv[1:] if argv is None else argv
-    if any(arg.startswith("-") for arg in argv):
+    flags = {arg for arg in argv if arg.startswith("-")}
+    multirun = bool(flags) and flags <= MULTIRUN_FLAGS
+    if flags and not multirun:
         return
-    from hydra import compose, initialize_config_dir
-
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name, overrides=list(argv))
+        cfg = _compose(config_name, [arg for arg in argv if arg not in MULTIRUN_FLAGS], multirun)
     except Exception:  # noqa: BLE001 - a command Hydra rejects: Hydra's own message follows
+        if app is not None:
+            _hydra_answers(config_name, app)
+        return
+    if multirun:
         return
     try:
         if first is not None:

@@ -52,6 +52,19 @@ def test_the_check_imports_none_of_the_training_stack(offline_env, data):
     assert _errors(proc)[0].startswith("error: 'openai' weights for ViT-B-16 are not in the Hugging Face cache")
 
 
+@pytest.mark.parametrize("argv", [["dataset=nosuch"], ["-m", "search=embedded", "objective=nope"]])
+def test_a_command_hydra_rejects_is_answered_before_the_training_stack(argv, tmp_path):
+    """Hydra's own message and exit status 1, from the entry point's preflight, with torch and the rest unimported
+    and nothing written (a single run and a multirun)."""
+    code = (f"import sys\nsys.argv = ['finetune.py', *{argv!r}]\nfrom autoft.preflight import preflight\ntry:\n"
+            f"    preflight('finetune', app='autoft.finetune')\n"
+            f"except SystemExit as e:\n    print(e.code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.stdout.split() == ["1", "[]"], proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.startswith("In 'finetune': Could not find"), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("app", [["autoft.finetune"], ["autoft.methods", "method=ft"]])
 def test_a_missing_column_is_told_before_unavailable_weights(offline_env, data, tmp_path, app):
     meta = data / "iwildcam_v2.0" / "metadata.csv"
