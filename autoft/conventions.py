@@ -185,12 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from hydra import compose, initialize_config_dir
 
-        from autoft.final import apply_params
-        from autoft.finetune import CONF_DIR
+        from autoft.preflight import CONF_DIR
 
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("finetune", overrides=list(args.overrides))
         if args.best:
+            from autoft.final import apply_params  # with the training stack's imports (Lightning: seconds)
+
             cfg = apply_params(cfg, _best_params(args.best))
         source = cfg.objective.get("convention", "ours")
         target = args.to or next(c for c in CONVENTIONS if c != source)

@@ -287,6 +287,21 @@ def test_converter_cli_counts_vit_b16_and_converts_the_published_weights(tmp_pat
         "error: dataset 'iwildcam' reads its class names from the data: give --classes K (iWildCam 182, FMoW 62)\n")
 
 
+def test_converter_converts_a_searched_best_params(tmp_path, capsys) -> None:
+    """--best: the searched weights (dotted keys, as the sweeper writes them) replace the composed objective's."""
+    from autoft.conventions import main
+
+    best = tmp_path / "best_params.yaml"
+    best.write_text(yaml.safe_dump({"best_params": {"objective.weights.l1init": 3.0, "objective.weights.ce": 0.5,
+                                                    "optim.lr": 1e-4}}))
+    assert main(["--best", str(best), "--classes", "2", "--to", "reference", "model=tiny_clip"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    n = out["param_count"]
+    scale = yaml.safe_load((ROOT / "conf" / "objective" / "base.yaml").read_text())["norm_scale"]["l1init"]
+    assert out["objective"]["weights"]["ce"] == 0.5
+    assert out["objective"]["weights"]["l1init"] == pytest.approx(3.0 * scale * n, rel=1e-15)
+
+
 # ------------------------------------------------------------------------------------------- a real fine-tuning run
 
 def test_published_objective_trains_under_the_reference_convention(tmp_path) -> None:
