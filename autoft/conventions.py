@@ -24,15 +24,16 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
-import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from autoft import UserError, layers
-from autoft.objective import CONVENTIONS, NORM_TERMS
+from autoft import UserError
+from autoft.terms import CONVENTIONS, NORM_TERMS
+
+if TYPE_CHECKING:  # torch and open_clip are imported where a model is counted: the command line's errors come first
+    import torch
 
 SAME_TERMS = ("ce", "hinge", "entropy")
 DCM_REASON = ("different functions: ours is KL(uniform || p) on misclassified examples (toward uniform), the "
@@ -55,6 +56,9 @@ def parameter_count(model: torch.nn.Module) -> int:
 def model_parameter_count(model_cfg: DictConfig | Mapping[str, Any], n_classes: int) -> int:
     """:func:`parameter_count` of the classifier a model config builds with an ``n_classes`` head, counted from
     the open_clip architecture (created on the meta device: no weights, no download) plus the head."""
+    import open_clip
+    import torch
+
     import autoft.model  # noqa: F401  (registers the project's tiny architectures with open_clip)
 
     name = model_cfg["name"]
@@ -95,6 +99,8 @@ def objective_settings(cfg: DictConfig, model: torch.nn.Module) -> dict[str, Any
         settings["norm_scale"] = _plain(objective.get("norm_scale")) or None
     group_weights = _plain(objective.get("group_weights")) or {}
     if group_weights:
+        from autoft import layers
+
         spec = cfg.model.get("layer_groups")
         layers.check_groups("objective.group_weights", group_weights, spec, NORM_TERMS)
         settings["group_of"] = layers.assign(model.named_parameters(), spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # bad data, missing weights, a command Hydra rejects: told before the imports below (12 s)
     from autoft.preflight import preflight
 
-    preflight("finetune", app="autoft.finetune")
+    preflight("finetune", app="autoft.finetune", objective=True)
 
 import logging
 import math

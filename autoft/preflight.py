@@ -6,8 +6,10 @@ modules (``autoft.finetune``, ``autoft.methods``, ``autoft.final``) therefore ca
 under ``if __name__ == "__main__"`` above their imports: it composes the config Hydra will compose from
 the same command line and runs the run's own checks that need no heavy import, in the run's order:
 
-1. the data: a WILDS folder's files, metadata and class names (:mod:`autoft.wildscheck`);
-2. the weights: :func:`autoft.weights.resolve` on the shipped snapshot of open_clip's registry.
+1. the data: a WILDS folder's files, metadata and class names (:mod:`autoft.wildscheck`), or the embedded
+   world's settings;
+2. the weights: :func:`autoft.weights.resolve` on the shipped snapshot of open_clip's registry;
+3. for ``autoft.finetune``, which trains with the composed objective: its loss weights (:mod:`autoft.terms`).
 
 Failing, it prints the run's one ``error:`` line and exits 2, in a second or two. What it cannot check
 cheaply it leaves to the run, which checks the same in the same order: other dataset kinds (their
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from autoft import UserError
 
@@ -48,25 +50,46 @@ def configured_root(d: DictConfig) -> str:
     return root
 
 
-def check(cfg: DictConfig) -> None:
-    """The data, then the weights, as far as they can be checked without torch (see the module docstring)."""
+def check(cfg: DictConfig, objective: bool = False) -> None:
+    """The data, then the weights, then (``objective``) the objective's loss weights, as far as they can be checked
+    without torch (see the module docstring)."""
     from autoft.weights import is_path, resolve, shipped_registry
     from autoft.wildscheck import wilds_checks
 
     d, m = cfg.get("dataset"), cfg.get("model")
     if d is None or m is None:
         return
-    if d.get("world") is None or d.root:  # the embedded world is generated; real data must be there
+    if d.get("world") is None or d.root:  # real data must be there
         if (d.get("kind") or "wilds") != "wilds":
             return
         for run_check in wilds_checks(d.name, configured_root(d), d.get("class_names")).checks.values():
             run_check()
+    else:  # the embedded world is generated from its settings
+        from autoft.world import WorldConfig
+
+        WorldConfig.from_dict(OmegaConf.to_container(d.world, resolve=True))
     pretrained = m.get("pretrained")
-    if not pretrained or pretrained == "embedded":  # random init, or the project's own tiny CLIP
-        return
-    registry = shipped_registry()
-    if is_path(pretrained) or (registry is not None and m.name in registry["models"]):
+    if pretrained and pretrained != "embedded":  # else random init, or the project's own tiny CLIP
+        registry = shipped_registry()
+        if not (is_path(pretrained) or (registry is not None and m.name in registry["models"])):
+            return  # weights the run must look up itself, before its objective
         resolve(m.name, pretrained, registry)
+    if objective:
+        check_loss_weights(cfg.get("objective"))
+
+
+def check_loss_weights(o: DictConfig | None) -> None:
+    """The loss weights' names and values, as the run checks them once its model is built
+    (:func:`autoft.finetune.finetune`); only where nothing the run checks before them can fail: convention
+    ``ours`` and no per-layer-group weights."""
+    from autoft.terms import validated_weights
+
+    if o is None or o.get("convention", "ours") != "ours" or o.get("group_weights"):
+        return
+    try:
+        validated_weights(OmegaConf.to_container(o.weights, resolve=True))
+    except ValueError as e:
+        raise UserError(f"objective: {e}") from None
 
 
 def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
@@ -97,11 +120,13 @@ def _hydra_answers(config_name: str, app: str) -> NoReturn:
 
 
 def preflight(config_name: str, argv: list[str] | None = None,
-              first: Callable[[DictConfig], object] | None = None, app: str | None = None) -> None:
+              first: Callable[[DictConfig], object] | None = None, app: str | None = None,
+              objective: bool = False) -> None:
     """Compose ``config_name`` with the command line's overrides, run ``first`` (what the app reads before its
     data: ``autoft.final``'s searched params) and :func:`check` it; exit 2 with one line on a
     :class:`UserError`. ``app``: the module whose ``main`` runs this command line (``sys.argv``), given by the
-    entry points; a command Hydra rejects then exits here with Hydra's message."""
+    entry points; a command Hydra rejects then exits here with Hydra's message. ``objective``: the run trains
+    with the composed loss weights (not a search's), so they are checked too."""
     argv = sys.argv[1:] if argv is None else argv
     flags = {arg for arg in argv if arg.startswith("-")}
     multirun = bool(flags) and flags <= MULTIRUN_FLAGS
@@ -118,7 +143,7 @@ def preflight(config_name: str, argv: list[str] | None = None,
     try:
         if first is not None:
             first(cfg)
-        check(cfg)
+        check(cfg, objective)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
