@@ -70,12 +70,27 @@ def model_parameter_count(model_cfg: DictConfig | Mapping[str, Any], n_classes: 
     return parameter_count(clip) + n_classes * dim + n_classes
 
 
+def _missing(have: Mapping[str, Any]) -> list[str]:
+    return [f"model.{k}={str(v).lower()}" for k, v in REFERENCE_MODEL.items() if have[k] != v]
+
+
 def reference_requirements(model: torch.nn.Module) -> list[str]:
     """The model overrides still needed to train what the reference trains (every parameter, captions from
     every template), as ``key=value`` strings; empty when the model already does."""
-    have = {"train_text": model.train_text, "train_logit_scale": model.clip.logit_scale.requires_grad,
-            "captions": model.captions, "text_head": model.text_head}
-    return [f"model.{k}={str(v).lower()}" for k, v in REFERENCE_MODEL.items() if have[k] != v]
+    return _missing({"train_text": model.train_text, "train_logit_scale": model.clip.logit_scale.requires_grad,
+                     "captions": model.captions, "text_head": model.text_head})
+
+
+def configured_requirements(model_cfg: DictConfig) -> list[str]:
+    """:func:`reference_requirements` of the model a config builds, read from the config as
+    :func:`autoft.finetune.build` passes it to the model (the preflight's check, before torch is imported)."""
+    return _missing({"train_text": model_cfg.train_text, "train_logit_scale": model_cfg.get("train_logit_scale", False),
+                     "captions": model_cfg.get("captions", "first"), "text_head": model_cfg.get("text_head", False)})
+
+
+def reference_error(missing: list[str]) -> UserError:
+    return UserError("objective.convention=reference trains every parameter with captions from all templates, as "
+                     f"the reference code does: set {' '.join(missing)} (or use convention ours)")
 
 
 def _plain(node: Any) -> Any:
@@ -92,8 +107,7 @@ def objective_settings(cfg: DictConfig, model: torch.nn.Module) -> dict[str, Any
     if convention == "reference":
         missing = reference_requirements(model)
         if missing:
-            raise UserError("objective.convention=reference trains every parameter with captions from all templates, "
-                            f"as the reference code does: set {' '.join(missing)} (or use convention ours)")
+            raise reference_error(missing)
         settings["param_count"] = parameter_count(model)
     else:
         settings["norm_scale"] = _plain(objective.get("norm_scale")) or None

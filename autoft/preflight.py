@@ -9,7 +9,8 @@ the same command line and runs the run's own checks that need no heavy import, i
 1. the data: a WILDS folder's files, metadata and class names (:mod:`autoft.wildscheck`), or the embedded
    world's settings;
 2. the weights: :func:`autoft.weights.resolve` on the shipped snapshot of open_clip's registry;
-3. for ``autoft.finetune``, which trains with the composed objective: its loss weights (:mod:`autoft.terms`).
+3. for ``autoft.finetune``, which trains with the composed objective: the model settings the reference
+   convention needs, or the loss weights (:mod:`autoft.terms`).
 
 Failing, it prints the run's one ``error:`` line and exits 2, in a second or two. What it cannot check
 cheaply it leaves to the run, which checks the same in the same order: other dataset kinds (their
@@ -51,8 +52,8 @@ def configured_root(d: DictConfig) -> str:
 
 
 def check(cfg: DictConfig, objective: bool = False) -> None:
-    """The data, then the weights, then (``objective``) the objective's loss weights, as far as they can be checked
-    without torch (see the module docstring)."""
+    """The data, then the weights, then (``objective``) the objective, as far as they can be checked without torch
+    (see the module docstring)."""
     from autoft.weights import is_path, resolve, shipped_registry
     from autoft.wildscheck import wilds_checks
 
@@ -75,16 +76,26 @@ def check(cfg: DictConfig, objective: bool = False) -> None:
             return  # weights the run must look up itself, before its objective
         resolve(m.name, pretrained, registry)
     if objective:
-        check_loss_weights(cfg.get("objective"))
+        check_objective(cfg)
 
 
-def check_loss_weights(o: DictConfig | None) -> None:
-    """The loss weights' names and values, as the run checks them once its model is built
-    (:func:`autoft.finetune.finetune`); only where nothing the run checks before them can fail: convention
-    ``ours`` and no per-layer-group weights."""
+def check_objective(cfg: DictConfig) -> None:
+    """The objective as the run checks it once its model is built (:func:`autoft.finetune.finetune`), where the
+    run can fail on nothing else first: under the reference convention, the model settings it needs (valid
+    captions given); under ours without per-layer-group weights, the loss weights' names and values."""
+    from autoft.conventions import configured_requirements, reference_error
     from autoft.terms import validated_weights
 
-    if o is None or o.get("convention", "ours") != "ours" or o.get("group_weights"):
+    o = cfg.get("objective")
+    if o is None:
+        return
+    if o.get("convention", "ours") == "reference":
+        if cfg.model.get("captions", "first") in ("first", "all"):  # else the model's own error comes first
+            missing = configured_requirements(cfg.model)
+            if missing:
+                raise reference_error(missing)
+        return
+    if o.get("group_weights"):
         return
     try:
         validated_weights(OmegaConf.to_container(o.weights, resolve=True))
@@ -126,7 +137,7 @@ def preflight(config_name: str, argv: list[str] | None = None,
     data: ``autoft.final``'s searched params) and :func:`check` it; exit 2 with one line on a
     :class:`UserError`. ``app``: the module whose ``main`` runs this command line (``sys.argv``), given by the
     entry points; a command Hydra rejects then exits here with Hydra's message. ``objective``: the run trains
-    with the composed loss weights (not a search's), so they are checked too."""
+    with the composed objective (not a search's), so it is checked too."""
     argv = sys.argv[1:] if argv is None else argv
     flags = {arg for arg in argv if arg.startswith("-")}
     multirun = bool(flags) and flags <= MULTIRUN_FLAGS

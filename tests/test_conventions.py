@@ -17,6 +17,7 @@ from torch import nn
 
 from autoft import UserError
 from autoft.conventions import (
+    configured_requirements,
     convert,
     model_parameter_count,
     objective_settings,
@@ -326,6 +327,23 @@ def test_published_objective_trains_under_the_reference_convention(tmp_path) -> 
     assert model.captions == "all" and model.templates_per_class == 2
     n = parameter_count(model)
     assert all(pull["l1init"] == pytest.approx(IWILDCAM["l1init"] / n, rel=1e-15) for pull in objective.pulls.values())
+
+
+@pytest.mark.parametrize("model", [[], ["model.train_text=true", "model.captions=all"],
+                                   ["model.train_text=true", "model.train_logit_scale=true", "model.captions=all"],
+                                   ["model.train_text=true", "model.train_logit_scale=true", "model.captions=all",
+                                    "+model.text_head=true"]])
+def test_the_requirements_read_from_the_config_are_the_built_models(model, tmp_path) -> None:
+    """The preflight reads them from the config (autoft.preflight.check_objective); the run from the model built."""
+    from omegaconf import open_dict
+
+    from autoft.finetune import build
+    from tests.conftest import overrides
+
+    cfg = _compose("finetune", *overrides(), *model)
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    assert configured_requirements(cfg.model) == reference_requirements(build(cfg)[0])
 
 
 def test_reference_convention_on_a_model_that_does_not_train_everything_is_one_error_line(tmp_path) -> None:

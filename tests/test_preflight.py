@@ -52,17 +52,27 @@ def test_the_check_imports_none_of_the_training_stack(offline_env, data):
     assert _errors(proc)[0].startswith("error: 'openai' weights for ViT-B-16 are not in the Hugging Face cache")
 
 
-def test_an_unknown_loss_term_is_told_before_the_training_stack():
-    """The run's own line (autoft.finetune.finetune checks the weights once its model is built), with torch and
-    the rest unimported; with the reference convention the run checks other things first, so no verdict here."""
+REFERENCE_MODEL = ["model.train_text=true", "model.train_logit_scale=true", "model.captions=all"]
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["+objective.weights.foo=1"], "error: objective: unknown loss term 'foo'; valid terms: ce, hinge, entropy, dcm, "
+                                   "flyp, l1init, l2init, l1zero, l2zero"),
+    (["objective.convention=reference", "model.captions=all"],
+     "error: objective.convention=reference trains every parameter with captions from all templates, as the "
+     "reference code does: set model.train_text=true model.train_logit_scale=true (or use convention ours)")])
+def test_the_objective_is_told_before_the_training_stack(argv, error):
+    """The run's own line (autoft.finetune.finetune checks the objective once its model is built), with torch and
+    the rest unimported; a reference-convention model that trains what the reference trains leaves its weights to
+    the run (it counts the parameters first), so no verdict there."""
     code = (f"import sys\nfrom autoft.preflight import preflight\n"
-            f"preflight('finetune', ['objective.convention=reference', '+objective.weights.foo=1'], objective=True)\n"
-            f"try:\n    preflight('finetune', ['+objective.weights.foo=1'], objective=True)\n"
+            f"preflight('finetune', ['objective.convention=reference', *{REFERENCE_MODEL!r}, "
+            f"'+objective.weights.foo=1'], objective=True)\n"
+            f"try:\n    preflight('finetune', {argv!r}, objective=True)\n"
             f"except SystemExit as e:\n    print(e.code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr[-2000:]
-    assert _errors(proc) == ["error: objective: unknown loss term 'foo'; valid terms: ce, hinge, entropy, dcm, flyp, "
-                             "l1init, l2init, l1zero, l2zero"]
+    assert _errors(proc) == [error]
 
 
 @pytest.mark.parametrize("argv", [["dataset=nosuch"], ["-m", "search=embedded", "objective=nope"]])
