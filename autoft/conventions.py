@@ -24,15 +24,16 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
-import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from autoft import UserError, layers
-from autoft.objective import CONVENTIONS, NORM_TERMS
+from autoft import UserError
+from autoft.terms import CONVENTIONS, NORM_TERMS
+
+if TYPE_CHECKING:  # torch and open_clip are imported where a model is counted: the command line's errors come first
+    import torch
 
 SAME_TERMS = ("ce", "hinge", "entropy")
 DCM_REASON = ("different functions: ours is KL(uniform || p) on misclassified examples (toward uniform), the "
@@ -55,6 +56,9 @@ def parameter_count(model: torch.nn.Module) -> int:
 def model_parameter_count(model_cfg: DictConfig | Mapping[str, Any], n_classes: int) -> int:
     """:func:`parameter_count` of the classifier a model config builds with an ``n_classes`` head, counted from
     the open_clip architecture (created on the meta device: no weights, no download) plus the head."""
+    import open_clip
+    import torch
+
     import autoft.model  # noqa: F401  (registers the project's tiny architectures with open_clip)
 
     name = model_cfg["name"]
@@ -66,12 +70,27 @@ def model_parameter_count(model_cfg: DictConfig | Mapping[str, Any], n_classes: 
     return parameter_count(clip) + n_classes * dim + n_classes
 
 
+def _missing(have: Mapping[str, Any]) -> list[str]:
+    return [f"model.{k}={str(v).lower()}" for k, v in REFERENCE_MODEL.items() if have[k] != v]
+
+
 def reference_requirements(model: torch.nn.Module) -> list[str]:
     """The model overrides still needed to train what the reference trains (every parameter, captions from
     every template), as ``key=value`` strings; empty when the model already does."""
-    have = {"train_text": model.train_text, "train_logit_scale": model.clip.logit_scale.requires_grad,
-            "captions": model.captions, "text_head": model.text_head}
-    return [f"model.{k}={str(v).lower()}" for k, v in REFERENCE_MODEL.items() if have[k] != v]
+    return _missing({"train_text": model.train_text, "train_logit_scale": model.clip.logit_scale.requires_grad,
+                     "captions": model.captions, "text_head": model.text_head})
+
+
+def configured_requirements(model_cfg: DictConfig) -> list[str]:
+    """:func:`reference_requirements` of the model a config builds, read from the config as
+    :func:`autoft.finetune.build` passes it to the model (the preflight's check, before torch is imported)."""
+    return _missing({"train_text": model_cfg.train_text, "train_logit_scale": model_cfg.get("train_logit_scale", False),
+                     "captions": model_cfg.get("captions", "first"), "text_head": model_cfg.get("text_head", False)})
+
+
+def reference_error(missing: list[str]) -> UserError:
+    return UserError("objective.convention=reference trains every parameter with captions from all templates, as "
+                     f"the reference code does: set {' '.join(missing)} (or use convention ours)")
 
 
 def _plain(node: Any) -> Any:
@@ -88,13 +107,14 @@ def objective_settings(cfg: DictConfig, model: torch.nn.Module) -> dict[str, Any
     if convention == "reference":
         missing = reference_requirements(model)
         if missing:
-            raise UserError("objective.convention=reference trains every parameter with captions from all templates, "
-                            f"as the reference code does: set {' '.join(missing)} (or use convention ours)")
+            raise reference_error(missing)
         settings["param_count"] = parameter_count(model)
     else:
         settings["norm_scale"] = _plain(objective.get("norm_scale")) or None
     group_weights = _plain(objective.get("group_weights")) or {}
     if group_weights:
+        from autoft import layers
+
         spec = cfg.model.get("layer_groups")
         layers.check_groups("objective.group_weights", group_weights, spec, NORM_TERMS)
         settings["group_of"] = layers.assign(model.named_parameters(), spec)
@@ -185,12 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from hydra import compose, initialize_config_dir
 
-        from autoft.final import apply_params
-        from autoft.finetune import CONF_DIR
+        from autoft.preflight import CONF_DIR
 
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("finetune", overrides=list(args.overrides))
         if args.best:
+            from autoft.final import apply_params  # with the training stack's imports (Lightning: seconds)
+
             cfg = apply_params(cfg, _best_params(args.best))
         source = cfg.objective.get("convention", "ours")
         target = args.to or next(c for c in CONVENTIONS if c != source)

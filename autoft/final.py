@@ -8,11 +8,12 @@ ID and OOD, and then evaluates WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-t
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # bad data or missing weights: one line before the imports below (about 12 s)
+if __name__ == "__main__":  # bad data, missing weights, a command Hydra rejects: told before the imports below (12 s)
     from autoft.best_params import load_best_params
     from autoft.preflight import preflight
 
-    preflight("final", first=lambda cfg: load_best_params(cfg.best, cfg.study.storage, cfg.study.name, cfg.pick))
+    preflight("final", first=lambda cfg: load_best_params(cfg.best, cfg.study.storage, cfg.study.name, cfg.pick),
+              app="autoft.final")
 
 import json
 import logging

@@ -6,10 +6,10 @@ and returns the OOD validation metric, which is what a sweeper optimises.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # bad data or missing weights: one line before the imports below (about 12 s)
+if __name__ == "__main__":  # bad data, missing weights, a command Hydra rejects: told before the imports below (12 s)
     from autoft.preflight import preflight
 
-    preflight("finetune")
+    preflight("finetune", app="autoft.finetune", objective=True)
 
 import logging
 import math

@@ -1,5 +1,5 @@
 """Hydra callbacks of the apps (registered under ``hydra.callbacks`` in conf/finetune.yaml, which every app
-config builds on, and conf/search/autoft.yaml)."""
+config builds on, conf/search/autoft.yaml and conf/benchmark.yaml)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -51,3 +52,42 @@ class FreeFailedTrial(Callback):
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+
+class _KeptSweepConfigs:
+    """A config loader that keeps each job config it composes for the next request of the same job."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        self._kept: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the loader's interface
+        if name.startswith("__") or name in ("_loader", "_kept"):  # unpickling (a joblib launcher's workers)
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        key = (id(master_config), tuple(sweep_overrides))
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            return kept
+        config = self._loader.load_sweep_config(master_config, sweep_overrides)
+        self._kept[key] = config
+        return config
+
+
+class ComposeOnce(Callback):
+    """Each job's config composed once in a multirun of Hydra's basic sweeper, not twice.
+
+    The basic sweeper composes every job's config of a batch to check the whole batch before it launches any
+    job, then its launcher composes each again (hydra 1.3, ``Sweeper.validate_batch_is_legal`` and
+    ``BasicLauncher.launch``): a second second or so per methods job. Here the multirun's config loader keeps
+    the config the check composed and hands it, once, to the launch of the same job (same sweep config, same
+    overrides); the check still runs first, and every other request composes as before. Where we differ from
+    Hydra: the loader is swapped on the running Hydra object, before it builds the sweeper's context.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra = GlobalHydra.instance().hydra
+        if hydra is not None and not isinstance(hydra.config_loader, _KeptSweepConfigs):
+            hydra.config_loader = _KeptSweepConfigs(hydra.config_loader)

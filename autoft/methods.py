@@ -24,10 +24,10 @@ Each job writes ``method.json`` (its row for :mod:`benchmarks/paper.py`); a job 
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # bad data or missing weights: one line before the imports below (about 12 s)
+if __name__ == "__main__":  # bad data, missing weights, a command Hydra rejects: told before the imports below (12 s)
     from autoft.preflight import preflight
 
-    preflight("benchmark")
+    preflight("benchmark", app="autoft.methods")
 
 import json
 import logging

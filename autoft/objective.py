@@ -80,12 +80,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from autoft.norm_grads import CpuBlocks, coefficients, compiled_norm_grads, foreach_norm_grads
+from autoft.terms import CONVENTIONS, LOSS_TERMS, NORM_TERMS, validated_weight, validated_weights
 
-LOSS_TERMS: tuple[str, ...] = (
-    "ce", "hinge", "entropy", "dcm", "flyp", "l1init", "l2init", "l1zero", "l2zero"
-)
-NORM_TERMS: tuple[str, ...] = ("l1init", "l2init", "l1zero", "l2zero")
-CONVENTIONS: tuple[str, ...] = ("ours", "reference")
 _INIT_TERMS: tuple[str, ...] = ("l1init", "l2init")
 
 
@@ -227,7 +223,7 @@ class CompositeObjective(torch.nn.Module):
         a group its own norm-term weights (the global weight otherwise).
         """
         super().__init__()
-        self.weights: dict[str, float] = _validated_weights(weights)
+        self.weights: dict[str, float] = validated_weights(weights)
         self.convention = convention
         self.scale: dict[str, float] = _norm_scales(convention, norm_scale, param_count)
         self.param_count = param_count
@@ -390,24 +386,6 @@ class CompositeObjective(torch.nn.Module):
             base.copy_(p)
 
 
-def _validated_weight(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"weight of loss term {name!r} must be finite and >= 0, got {value}")
-    return value
-
-
-def _validated_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """All nine weights as floats; unknown names, negative or non-finite values raise ValueError."""
-    out = dict.fromkeys(LOSS_TERMS, 0.0)
-    out["ce"] = 1.0
-    for name, value in weights.items():
-        if name not in out:
-            raise ValueError(f"unknown loss term {name!r}; valid terms: {', '.join(LOSS_TERMS)}")
-        out[name] = _validated_weight(name, value)
-    return out
-
-
 def _validated_group_weights(group_weights: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
     """Per layer group, its own norm-term weights; other terms have no per-group weight."""
     out: dict[str, dict[str, float]] = {}
@@ -416,7 +394,7 @@ def _validated_group_weights(group_weights: Mapping[str, Mapping[str, float]]) -
         if unknown:
             raise ValueError(f"layer group {group!r}: only the norm terms ({', '.join(NORM_TERMS)}) have "
                              f"per-group weights, not {', '.join(map(repr, unknown))}")
-        out[group] = {t: _validated_weight(f"{t}' of layer group '{group}", w) for t, w in weights.items()}
+        out[group] = {t: validated_weight(f"{t}' of layer group '{group}", w) for t, w in weights.items()}
     return out
 
 

@@ -10,7 +10,7 @@ command line, its error handling) still runs, and only the process start is skip
 What a process would have isolated is restored here: Hydra's per-run singletons (a nested app, the search inside
 a methods job, gets its own and hands the outer run's back), ``sys.argv``, and the loggers Hydra's job logging
 reconfigures. What a module runs only as ``__main__`` does not run here: the apps' preflight (autoft/preflight.py),
-which steps aside for Hydra flags such as ``-m``; so :func:`run_module` takes multiruns only.
+which checks no data for a multirun (``-m``, it only composes one); so :func:`run_module` takes multiruns only.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from torch import nn
 
 from autoft import UserError
 from autoft.conventions import (
+    configured_requirements,
     convert,
     model_parameter_count,
     objective_settings,
@@ -287,6 +288,21 @@ def test_converter_cli_counts_vit_b16_and_converts_the_published_weights(tmp_pat
         "error: dataset 'iwildcam' reads its class names from the data: give --classes K (iWildCam 182, FMoW 62)\n")
 
 
+def test_converter_converts_a_searched_best_params(tmp_path, capsys) -> None:
+    """--best: the searched weights (dotted keys, as the sweeper writes them) replace the composed objective's."""
+    from autoft.conventions import main
+
+    best = tmp_path / "best_params.yaml"
+    best.write_text(yaml.safe_dump({"best_params": {"objective.weights.l1init": 3.0, "objective.weights.ce": 0.5,
+                                                    "optim.lr": 1e-4}}))
+    assert main(["--best", str(best), "--classes", "2", "--to", "reference", "model=tiny_clip"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    n = out["param_count"]
+    scale = yaml.safe_load((ROOT / "conf" / "objective" / "base.yaml").read_text())["norm_scale"]["l1init"]
+    assert out["objective"]["weights"]["ce"] == 0.5
+    assert out["objective"]["weights"]["l1init"] == pytest.approx(3.0 * scale * n, rel=1e-15)
+
+
 # ------------------------------------------------------------------------------------------- a real fine-tuning run
 
 def test_published_objective_trains_under_the_reference_convention(tmp_path) -> None:
@@ -311,6 +327,23 @@ def test_published_objective_trains_under_the_reference_convention(tmp_path) -> 
     assert model.captions == "all" and model.templates_per_class == 2
     n = parameter_count(model)
     assert all(pull["l1init"] == pytest.approx(IWILDCAM["l1init"] / n, rel=1e-15) for pull in objective.pulls.values())
+
+
+@pytest.mark.parametrize("model", [[], ["model.train_text=true", "model.captions=all"],
+                                   ["model.train_text=true", "model.train_logit_scale=true", "model.captions=all"],
+                                   ["model.train_text=true", "model.train_logit_scale=true", "model.captions=all",
+                                    "+model.text_head=true"]])
+def test_the_requirements_read_from_the_config_are_the_built_models(model, tmp_path) -> None:
+    """The preflight reads them from the config (autoft.preflight.check_objective); the run from the model built."""
+    from omegaconf import open_dict
+
+    from autoft.finetune import build
+    from tests.conftest import overrides
+
+    cfg = _compose("finetune", *overrides(), *model)
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    assert configured_requirements(cfg.model) == reference_requirements(build(cfg)[0])
 
 
 def test_reference_convention_on_a_model_that_does_not_train_everything_is_one_error_line(tmp_path) -> None:

@@ -52,6 +52,42 @@ def test_the_check_imports_none_of_the_training_stack(offline_env, data):
     assert _errors(proc)[0].startswith("error: 'openai' weights for ViT-B-16 are not in the Hugging Face cache")
 
 
+REFERENCE_MODEL = ["model.train_text=true", "model.train_logit_scale=true", "model.captions=all"]
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["+objective.weights.foo=1"], "error: objective: unknown loss term 'foo'; valid terms: ce, hinge, entropy, dcm, "
+                                   "flyp, l1init, l2init, l1zero, l2zero"),
+    (["objective.convention=reference", "model.captions=all"],
+     "error: objective.convention=reference trains every parameter with captions from all templates, as the "
+     "reference code does: set model.train_text=true model.train_logit_scale=true (or use convention ours)")])
+def test_the_objective_is_told_before_the_training_stack(argv, error):
+    """The run's own line (autoft.finetune.finetune checks the objective once its model is built), with torch and
+    the rest unimported; a reference-convention model that trains what the reference trains leaves its weights to
+    the run (it counts the parameters first), so no verdict there."""
+    code = (f"import sys\nfrom autoft.preflight import preflight\n"
+            f"preflight('finetune', ['objective.convention=reference', *{REFERENCE_MODEL!r}, "
+            f"'+objective.weights.foo=1'], objective=True)\n"
+            f"try:\n    preflight('finetune', {argv!r}, objective=True)\n"
+            f"except SystemExit as e:\n    print(e.code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr[-2000:]
+    assert _errors(proc) == [error]
+
+
+@pytest.mark.parametrize("argv", [["dataset=nosuch"], ["-m", "search=embedded", "objective=nope"]])
+def test_a_command_hydra_rejects_is_answered_before_the_training_stack(argv, tmp_path):
+    """Hydra's own message and exit status 1, from the entry point's preflight, with torch and the rest unimported
+    and nothing written (a single run and a multirun)."""
+    code = (f"import sys\nsys.argv = ['finetune.py', *{argv!r}]\nfrom autoft.preflight import preflight\ntry:\n"
+            f"    preflight('finetune', app='autoft.finetune')\n"
+            f"except SystemExit as e:\n    print(e.code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.stdout.split() == ["1", "[]"], proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.startswith("In 'finetune': Could not find"), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("app", [["autoft.finetune"], ["autoft.methods", "method=ft"]])
 def test_a_missing_column_is_told_before_unavailable_weights(offline_env, data, tmp_path, app):
     meta = data / "iwildcam_v2.0" / "metadata.csv"
