@@ -91,19 +91,34 @@ def _single_device(kwargs: dict[str, Any]) -> torch.device | None:
 
 
 def trainer_overrides(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """What a run changes in its configured Trainer arguments.
-
-    The model stays on its device after fit and test (:class:`KeepOnDevice`) on one device; DDP,
-    several devices and other accelerators keep their own strategy. And a step budget shorter than
-    the validation interval (``search.inner_steps=10`` under the default ``search.eval_every=25``)
-    validates once, at its end: Lightning would never validate, and the trial would have no value.
-    """
+    """Trainer overrides that leave the model on its device after fit and test (:class:`KeepOnDevice`), on one
+    device; none for DDP, several devices or other accelerators (they keep their own)."""
     device = _single_device(trainer_cfg)
-    overrides: dict[str, Any] = {"strategy": KeepOnDevice(device)} if device is not None else {}
+    return {"strategy": KeepOnDevice(device)} if device is not None else {}
+
+
+class ValidateAtEnd(pl.Callback):
+    """A step budget is validated after its last step, whatever the validation interval.
+
+    Lightning validates every ``val_check_interval`` steps and stops at ``max_steps`` without validating, so
+    ``search.inner_steps=30`` under ``search.eval_every=25`` scored each trial on its model at step 25, five
+    steps before its end, and ``inner_steps=10`` never validated (every trial failed: no metric). Here the
+    trainer is asked to stop at its last step, which makes Lightning's loop validate then (its ``should_stop``
+    check); training is unchanged, it ends there anyway.
+    """
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.max_steps:
+            trainer.should_stop = True
+
+
+def end_validation(trainer_cfg: dict[str, Any]) -> list[pl.Callback]:
+    """:class:`ValidateAtEnd` where a step budget's validation interval does not divide it."""
     steps, every = trainer_cfg.get("max_steps", -1), trainer_cfg.get("val_check_interval")
-    if isinstance(every, int) and 0 < steps < every:
-        overrides["val_check_interval"] = steps
-    return overrides
+    return [ValidateAtEnd(steps)] if isinstance(every, int) and steps > 0 and steps % every else []
 
 
 def validation_keys(cfg: DictConfig, search: bool) -> tuple[str, ...]:
@@ -130,9 +145,10 @@ def run(cfg: DictConfig) -> float | list[float]:
     logger = make_logger(cfg, trial)
     results: dict[str, float] = {}
     state = "failed"
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:  # the model stays on its device: the next trial starts there
-        module = finetune(cfg, model, data, logger, pruning,
-                          **trainer_overrides(OmegaConf.to_container(cfg.trainer, resolve=True)))
+        module = finetune(cfg, model, data, logger, pruning + end_validation(trainer_cfg),
+                          **trainer_overrides(trainer_cfg))
         results, state = module.results, "finished"
     except optuna.TrialPruned:
         results, state = pruning[0].results, "pruned"

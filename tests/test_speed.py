@@ -217,12 +217,15 @@ def test_search_trials_validate_only_what_they_are_scored_on(tmp_path):
     assert trial.validation_keys(cfg, search=True) == ("val_id", "val_ood")
 
 
-@pytest.mark.parametrize("steps, every, validates_at", [(4, 25, 4), (50, 25, 25), (-1, 25, 25), (4, 0.5, 0.5)])
-def test_a_step_budget_shorter_than_the_validation_interval_validates_at_its_end(steps, every, validates_at):
-    """search.inner_steps=4 under eval_every=25: Lightning would never validate and the trial have no value."""
-    got = trial.trainer_overrides({"max_steps": steps, "val_check_interval": every, "devices": 1, "accelerator": "cpu"})
-    assert isinstance(got["strategy"], trial.KeepOnDevice)
-    assert got.get("val_check_interval", every) == validates_at
+@pytest.mark.parametrize("steps, every, validated", [(3, 2, [2, 3]), (2, 25, [2]), (4, 2, [2, 4])])
+def test_a_run_is_validated_after_its_last_step_whatever_the_interval(tmp_path, monkeypatch, steps, every, validated):
+    """inner_steps=3 under eval_every=2 was scored at step 2; inner_steps=2 under 25 never validated (no value)."""
+    seen = []
+    real = ft.FineTuner.on_validation_epoch_end
+    monkeypatch.setattr(ft.FineTuner, "on_validation_epoch_end",
+                        lambda self: seen.append(self.global_step) or real(self))
+    trial.run(_cfg(tmp_path, f"trainer.max_steps={steps}", f"trainer.val_check_interval={every}"))
+    assert seen == validated
 
 
 def _noisy(batch, generator):
