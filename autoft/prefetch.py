@@ -99,32 +99,26 @@ def _fill(batches: Iterator, prepare: Callable, generator: torch.Generator, read
           stop: threading.Event, device: int | None) -> None:
     """The thread: prepare each batch and hand it over, until the batches end, an error, or ``stop``."""
     try:
-        _fill_until_stopped(batches, prepare, generator, ready, stop, device)
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            for batch in batches:
+                if not _hand_over(prepare(batch, generator), ready, stop) or stop.is_set():
+                    return
+            item = _END
+        except BaseException as e:  # raised in the main thread, at its next batch
+            item = e
+        _hand_over(item, ready, stop)
     finally:
         _RUNNING.pop(threading.current_thread(), None)
 
 
-def _fill_until_stopped(batches: Iterator, prepare: Callable, generator: torch.Generator, ready: queue.Queue,
-                        stop: threading.Event, device: int | None) -> None:
-    try:
-        if device is not None:
-            torch.cuda.set_device(device)
-        for batch in batches:
-            item = prepare(batch, generator)
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                return
-        item = _END
-    except BaseException as e:  # raised in the main thread, at its next batch
-        item = e
+def _hand_over(item: Any, ready: queue.Queue, stop: threading.Event) -> bool:
+    """Put ``item`` in ``ready`` once there is room; False if ``stop`` came first."""
     while not stop.is_set():
         try:
             ready.put(item, timeout=0.1)
-            return
+            return True
         except queue.Full:
             continue
+    return False
