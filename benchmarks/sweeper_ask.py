@@ -3,12 +3,13 @@
 "Between trials" (Hydra's job set-up, the sweeper's ask and tell) is 0.40 s a trial on a quiet CPU, more than
 the trial's own overhead (docs/speed.md). Optuna's ``study.ask`` writes each of a trial's suggested params in a
 transaction of its own, so the embedded search's 11 params are 11 SQLite commits, each waiting for the disk.
-This times ``ask`` (with the search space's 11 distributions), the sweeper's worker attribute and ``tell`` on
-an SQLite file, with SQLite's defaults (what the sweeper uses) and with ``journal_mode=WAL,
+This times ``ask`` (with a search config's distributions, as the sweeper parses them), the sweeper's worker
+attribute and ``tell`` on an SQLite file, with SQLite's defaults (what the sweeper uses) and with ``journal_mode=WAL,
 synchronous=NORMAL`` (commits without waiting for the disk; safe against a killed process, not against a
 power cut) to size that lever before anyone takes it. TPE's first 10 trials are random; later ones model.
 
-    python benchmarks/sweeper_ask.py --trials 30 --out benchmarks/results/2026-11-30-cpu/sweeper-ask.json
+    python benchmarks/sweeper_ask.py [--search embedded] --trials 30 \
+        --out benchmarks/results/2026-11-30-cpu/sweeper-ask.json
 """
 
 from __future__ import annotations
@@ -23,19 +24,15 @@ import time
 from pathlib import Path
 
 import optuna
+from proxy_fidelity import search_space
 from sqlalchemy import event
 
-# the embedded search's space (conf/search/autoft.yaml with conf/search/embedded.yaml's lr range)
-SPACE = {f"objective.weights.{t}": optuna.distributions.FloatDistribution(1e-4, 10, log=True)
-         for t in ("hinge", "entropy", "dcm", "flyp", "l1init", "l2init", "l1zero", "l2zero")} | {
-    "optim.lr": optuna.distributions.FloatDistribution(3e-5, 3e-3, log=True),
-    "optim.weight_decay": optuna.distributions.FloatDistribution(0, 1),
-    "seed": optuna.distributions.IntDistribution(0, 10)}
 SETTINGS = {"sqlite defaults": [], "WAL, synchronous=NORMAL": ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]}
 
 
-def measure(db: Path, pragmas: list[str], trials: int) -> list[dict[str, float]]:
-    """Seconds of ask, the worker attribute and tell, per trial, on a new study in ``db``."""
+def measure(db: Path, pragmas: list[str], space: dict, trials: int) -> list[dict[str, float]]:
+    """Seconds of ask (with ``space``'s distributions), the worker attribute and tell, per trial, on a new study
+    in ``db``."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     if pragmas:
         @event.listens_for(storage.engine, "connect")
@@ -48,7 +45,7 @@ def measure(db: Path, pragmas: list[str], trials: int) -> list[dict[str, float]]
     rows = []
     for k in range(trials):
         t0 = time.perf_counter()
-        trial = study.ask(SPACE)
+        trial = study.ask(space)
         t1 = time.perf_counter()
         trial.set_user_attr("worker", "bench")
         t2 = time.perf_counter()
@@ -59,20 +56,23 @@ def measure(db: Path, pragmas: list[str], trials: int) -> list[dict[str, float]]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--search", default="embedded", help="the search config whose space is asked (conf/search/)")
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--dir", type=Path, default=None, help="where the SQLite files go (default: a temporary folder)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     optuna.logging.set_verbosity(logging.WARNING)
-    report: dict = {"trials": args.trials, "params": len(SPACE), "load_average_before": os.getloadavg()[0]}
+    space = search_space(args.search, []).distributions
+    report: dict = {"search": args.search, "trials": args.trials, "params": len(space),
+                    "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for i, (name, pragmas) in enumerate(SETTINGS.items()):
-            rows = measure(Path(tmp) / f"study{i}.db", pragmas, args.trials)
+            rows = measure(Path(tmp) / f"study{i}.db", pragmas, space, args.trials)
             report[name] = {"pragmas": pragmas, "per_trial": rows, "median_ms": {
                 part: {"trials 1-10": 1000 * statistics.median(r[part] for r in rows[:10]),
                        "trials 11..": 1000 * statistics.median(r[part] for r in rows[10:])} for part in rows[0]}}
     report["load_average_after"] = os.getloadavg()[0]
-    lines = [f"sweeper ask/tell, {len(SPACE)} params, {args.trials} trials, load average "
+    lines = [f"sweeper ask/tell, search={args.search}, {len(space)} params, {args.trials} trials, load average "
              f"{report['load_average_before']:.2f} before, {report['load_average_after']:.2f} after; median ms",
              "| SQLite | part | trials 1-10 | trials 11.. |", "|---|---|---|---|"]
     for name in SETTINGS:
