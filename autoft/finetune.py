@@ -304,10 +304,14 @@ def make_trainer(cfg: DictConfig, logger=None, **overrides) -> pl.Trainer:
 
 
 def finetune(cfg: DictConfig, model: CLIPClassifier, data: WildsDataModule, logger=None,
-             callbacks: list[pl.Callback] | None = None, **trainer_overrides) -> FineTuner:
+             callbacks: list[pl.Callback] | None = None, early_epoch: bool = False, **trainer_overrides) -> FineTuner:
     """Fine-tune ``model`` in place with the configured objective; validate and (optionally) test.
-    ``trainer_overrides``: other ``pl.Trainer`` arguments (see :func:`make_trainer`)."""
+    ``early_epoch``: start the first training epoch's batches before the trainer is built (one device only: under
+    DDP Lightning rebuilds the loader); ``trainer_overrides``: other ``pl.Trainer`` arguments (see
+    :func:`make_trainer`)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if early_epoch and hasattr(data, "start_train_epoch"):
+        data.start_train_epoch()
     compile_norms = cfg.model.get("compile_norm_grads", cfg.model.get("compile", False))
     settings = objective_settings(cfg, model)  # convention, per-layer-group norm weights
     try:

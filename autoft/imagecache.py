@@ -210,6 +210,13 @@ class CachedLoaders:
                 pin_memory=torch.cuda.is_available(), prepare=self._prepare(train))
         return self._loaders[key]
 
+    def start_train_epoch(self) -> None:
+        """Start the training loader's next epoch now (:meth:`PrefetchLoader.start_epoch`), once it exists: a
+        search trial's first batch is then made while the trial sets up."""
+        loader = self._loaders.get("train")
+        if isinstance(loader, PrefetchLoader):
+            loader.start_epoch()
+
     def _prepare(self, train: bool) -> Callable | None:
         """What a cached loader's thread does ahead of the loop (see autoft.prefetch): on the CPU the train
         loader makes the model's input; on a GPU every loader reads and pins; else nothing is ahead."""

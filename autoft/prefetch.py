@@ -49,16 +49,51 @@ class PrefetchLoader(DataLoader):
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(*args, **kwargs)
         self.prepare = prepare
+        self._early: tuple[torch.Tensor, _Ahead] | None = None  # (global RNG state it was drawn from, epoch)
+
+    def start_epoch(self) -> None:
+        """Start the next epoch's thread now, from the seed the next ``iter()`` would draw, without drawing it.
+
+        A search trial calls this right after seeding, so its first batch is made while the trial builds its
+        objective and trainer, instead of being waited for once Lightning asks for it. ``iter()`` takes this
+        epoch only if the global RNG is still where it was (nothing drew from it in between), and then draws
+        from it as usual; else it drops it and draws anew. Batches, crops and the global RNG's sequence are
+        those of a plain ``iter()`` either way."""
+        self._drop_early()
+        if self.prepare is None:
+            return
+        state = torch.get_rng_state()
+        self._early = state, self._epoch(_draw_seed(torch.Generator().set_state(state)))
 
     def __iter__(self) -> Iterator:
         # one draw from the global RNG, in the main thread: the epoch's shuffle and crops follow from it
-        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        if self._early is not None and torch.equal(self._early[0], torch.get_rng_state()):
+            early, self._early = self._early[1], None
+            _draw_seed()
+            return early
+        self._drop_early()
+        return self._epoch(_draw_seed())
+
+    def _epoch(self, seed: int) -> Iterator:
         self.generator.manual_seed(seed)
         batches = super().__iter__()
         if self.prepare is None:
             return batches
         crops = torch.Generator().manual_seed(seed + 1)
         return _Ahead(batches, self.prepare, crops)
+
+    def _drop_early(self) -> None:
+        """Stop an epoch started early and not taken; joined, as it may still draw its shuffle from the loader's
+        generator, which the next epoch reseeds."""
+        if self._early is not None:
+            ahead, self._early = self._early[1], None
+            ahead.stop.set()
+            ahead.thread.join()
+
+
+def _draw_seed(generator: torch.Generator | None = None) -> int:
+    """An epoch's seed: one draw from ``generator`` (the global RNG by default)."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
 class _Ahead:

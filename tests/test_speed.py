@@ -228,6 +228,35 @@ def test_a_run_is_validated_after_its_last_step_whatever_the_interval(tmp_path, 
     assert seen == validated
 
 
+def test_trainers_of_a_search_process_scan_the_installed_packages_once_and_still_call_the_factories(monkeypatch):
+    """Lightning reads every installed package's entry points for external callbacks in each pl.Trainer(); in a
+    search process (autoft.trial imported) the scan is made once, and each Trainer still calls the factories."""
+    import importlib.metadata
+
+    from lightning_fabric.utilities import registry
+
+    class Probe(importlib.metadata.Distribution):  # an installed package with a callbacks factory
+        def read_text(self, filename: str) -> str | None:
+            return {"METADATA": "Name: autoft-probe\nVersion: 0\n",
+                    "entry_points.txt": "[pytorch_lightning.callbacks_factory]\nprobe = autoft.trial:_probe\n"
+                    }.get(filename)
+
+        def locate_file(self, path):
+            return None
+
+    scans, made = [], []
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: scans.append(1) or [Probe()])
+    monkeypatch.setattr(trial, "_probe", lambda: made.append(1) or [trial.ValidateAtEnd(1)], raising=False)
+    registry.entry_points.cache_clear()
+    try:
+        trainers = [ft.pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+                    for _ in range(3)]
+    finally:
+        registry.entry_points.cache_clear()  # the next Trainer scans the real packages
+    assert len(scans) == 1 and len(made) == 3
+    assert all(sum(isinstance(c, trial.ValidateAtEnd) for c in t.callbacks) == 1 for t in trainers)
+
+
 def _noisy(batch, generator):
     """A stand-in for the crop: the batch plus noise from the loader's generator."""
     return batch + torch.rand(batch.shape, generator=generator)
@@ -250,6 +279,36 @@ def test_prefetched_batches_follow_the_seed_alone_and_equal_the_same_work_done_i
     assert all(torch.equal(a, b) for a, b in zip(ahead, in_order, strict=True))
     torch.manual_seed(4)
     assert not torch.equal(next(iter(loader)), ahead[0])
+
+
+def test_an_epoch_started_early_is_the_plain_epoch_and_is_dropped_once_the_rng_moved():
+    """A search trial starts its first epoch right after seeding (PrefetchLoader.start_epoch); iter() takes it only
+    if the global RNG did not move since, and either way batches and the global RNG follow as without it."""
+    data = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    loader = PrefetchLoader(data, batch_size=4, shuffle=True, prepare=_noisy)
+    torch.manual_seed(3)
+    plain, after_plain = list(loader), torch.rand(3)
+    torch.manual_seed(3)
+    loader.start_epoch()
+    started = loader._early[1]
+    epoch = iter(loader)
+    assert epoch is started  # taken: nothing drew from the global RNG in between
+    assert all(torch.equal(a, b) for a, b in zip(epoch, plain, strict=True))
+    assert torch.equal(torch.rand(3), after_plain)  # the global RNG drew once, as a plain iter() does
+    torch.manual_seed(5)
+    moved = [b.clone() for b in loader]
+    torch.manual_seed(5)
+    loader.start_epoch()
+    early = loader._early[1]
+    torch.manual_seed(5)  # reseeded to the same state: equal state, the same epoch
+    assert iter(loader) is early
+    torch.manual_seed(3)
+    loader.start_epoch()
+    dropped = loader._early[1]
+    torch.manual_seed(5)  # something reseeded (or drew) after the early start: the early epoch is not this one
+    epoch = iter(loader)
+    assert epoch is not dropped and not dropped.thread.is_alive()
+    assert all(torch.equal(a, b) for a, b in zip(epoch, moved, strict=True))
 
 
 def test_prefetch_thread_stops_when_an_epoch_is_left_and_raises_in_the_main_thread():
