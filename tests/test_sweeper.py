@@ -196,6 +196,23 @@ def test_jobs_prune_through_the_storage(app, tmp_path):
     assert trial_from_config(OmegaConf.create({"x": 1.0})) is None
 
 
+def test_a_job_in_the_sweepers_process_takes_the_sweepers_trial_without_the_storage(app, tmp_path, monkeypatch):
+    """Hydra's basic launcher runs each job in the sweeper's process: its trial is the one the sweeper asked (no
+    storage queries), so with the jobs' storage path broken the sweep still reports and prunes."""
+    from hydra_plugins.autoft_optuna_sweeper import _study
+
+    def no_storage(url):
+        raise AssertionError(f"a job in the sweeper's process opened the storage {url}")
+
+    monkeypatch.setattr(_study, "_job_storage", no_storage)
+    pruner = ["hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2"]
+    sweep(app, tmp_path, "mode=prune", "hydra.sweeper.n_trials=6", *pruner)
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials].count(TrialState.PRUNED) >= 1 and all(t.intermediate_values for t in trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert _study._RUNNING_HERE == {}  # the batch's trials are forgotten once it is launched
+
+
 def test_failing_job_fails_its_trial_and_the_sweep_goes_on(app, tmp_path):
     sweep(app, tmp_path, "mode=fail", "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random")
     trials = load(tmp_path).trials

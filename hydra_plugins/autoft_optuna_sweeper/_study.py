@@ -68,11 +68,14 @@ def open_study(lock: StudyLock, name: str | None, directions: list[str], space: 
                 study_id = storage.get_study_id_from_name(name) if name is not None else None
             except KeyError:
                 study_id = None
+            # the configured pruner: the jobs run in this process prune through this study's trials (running_here)
+            pruned_by = build(pruner, "pruner")
             if study_id is None:
-                study = optuna.create_study(storage=storage, study_name=name, directions=directions)
+                study = optuna.create_study(storage=storage, study_name=name, directions=directions, pruner=pruned_by)
             else:
                 _check_study(storage, study_id, f"study '{name}' in {safe_url(lock.url)}", directions, configured)
-                study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+                study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
+                                          pruner=pruned_by)
             if SPACE_ATTR not in study.user_attrs:
                 study.set_user_attr(SPACE_ATTR, configured)
             study.set_user_attr(PRUNER_ATTR, pruner)
@@ -150,6 +153,23 @@ def quiet() -> Iterator[None]:
         yield
 
 
+# The trials the sweepers of this process are running, by (storage URL, study name, trial id): a job that Hydra's
+# launcher runs in the sweeper's own process (the basic launcher) takes the sweeper's trial object itself.
+_RUNNING_HERE: dict[tuple[str, str, int], optuna.trial.Trial] = {}
+
+
+@contextlib.contextmanager
+def running_here(storage_url: str, study_name: str | None, trials: Sequence[optuna.trial.Trial]) -> Iterator[None]:
+    """While a batch of trials is launched, a job in this process finds its trial without the storage."""
+    keys = [(storage_url, str(study_name), t._trial_id) for t in trials]
+    _RUNNING_HERE.update(zip(keys, trials, strict=True))
+    try:
+        yield
+    finally:
+        for key in keys:
+            _RUNNING_HERE.pop(key, None)
+
+
 @functools.cache
 def _job_storage(url: str) -> optuna.storages.RDBStorage:
     """One engine per storage URL per process, however many jobs run in it."""
@@ -159,12 +179,17 @@ def _job_storage(url: str) -> optuna.storages.RDBStorage:
 def trial_from_config(cfg: DictConfig) -> optuna.trial.Trial | None:
     """Rebuild the job's RUNNING trial from ``cfg.optuna_trial`` so a job in any process can report and prune.
 
-    Everything goes through the storage: the study, and its pruner from the study's ``autoft_pruner`` user
-    attr. Returns None when no trial was passed (``pass_trial`` off, or not run by this sweeper).
+    A job in the sweeper's own process gets the sweeper's trial (:func:`running_here`): five storage queries a
+    trial fewer. Elsewhere everything goes through the storage: the study, and its pruner from the study's
+    ``autoft_pruner`` user attr. Returns None when no trial was passed (``pass_trial`` off, or not run by this
+    sweeper).
     """
     ref = OmegaConf.select(cfg, "optuna_trial")
     if ref is None:
         return None
+    here = _RUNNING_HERE.get((str(ref.storage), str(ref.study_name), int(ref.trial_id)))
+    if here is not None:
+        return here
     storage = _job_storage(ref.storage)
     spec = storage.get_study_user_attrs(storage.get_study_id_from_name(ref.study_name))[PRUNER_ATTR]
     study = optuna.load_study(

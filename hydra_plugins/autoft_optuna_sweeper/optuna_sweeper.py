@@ -47,6 +47,7 @@ from hydra_plugins.autoft_optuna_sweeper._study import (
     n_counted,
     open_study,
     quiet,
+    running_here,
     safe_url,
     warm_start_params,
 )
@@ -240,7 +241,8 @@ class AutoftOptunaSweeper(Sweeper):
             waiting_logged = False
             batch = [self._job_overrides(space, t.params, t._trial_id, t.number) for t in asked]
             tic = time.perf_counter()
-            with heartbeat(self._rdb, [t._trial_id for t in asked]):
+            with heartbeat(self._rdb, [t._trial_id for t in asked]), running_here(self.storage_url, self.study_name,
+                                                                                   asked):
                 returns = self.launcher.launch(batch, initial_job_idx=asked[0].number)
             seconds = (time.perf_counter() - tic) / len(asked)
             told = [self._tell(study, trial, ret) for trial, ret in zip(asked, returns, strict=True)]
