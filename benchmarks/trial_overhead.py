@@ -29,7 +29,7 @@ import torch
 
 # (phase, what it is), in a trial's order; the keys of the breakdown
 PHASES = [
-    ("optuna trial", "the job's Optuna trial loaded from the storage (trial_from_config)"),
+    ("optuna trial", "the job's Optuna trial (trial_from_config: the sweeper's own in its process)"),
     ("reset", "model restored to the pretrained weights, data module kept (build with reuse)"),
     ("logger set-up", "the trial's logger and its hyperparameters (make_logger)"),
     ("seeding", "pl.seed_everything"),
