@@ -23,10 +23,12 @@ What a fresh interpreter reads at start-up the server read once: so the job re-a
 numpy's global generator, which a fork would otherwise hand every job in the same state (``random`` reseeds
 itself in a forked child). The imported objects are frozen out of the cyclic GC (``gc.freeze``, as Python's docs
 advise before forking workers): a child's shutdown then neither walks them (most of a fresh interpreter's exit
-time with these imports) nor copies every page the collector would touch. What it
-cannot re-apply stays a real subprocess: PYTHONPATH, a setting a library reads when imported (huggingface_hub's
-HF_HUB_OFFLINE and HF_HOME), and any claim about what a command imports (the preflight answering before the
-heavy imports). The client side, :class:`Popen` and :func:`run`, mirrors ``subprocess``.
+time with these imports) nor copies every page the collector would touch. PYTHONPATH's
+entries go after ``sys.path[0]`` as the interpreter puts them, but a module the server imported stays the one it
+imported. What cannot be re-applied stays a real subprocess: a PYTHONPATH that changes what an imported module
+is, a setting a library reads when imported (huggingface_hub's HF_HUB_OFFLINE and HF_HOME), and any claim about
+what a command imports (the preflight answering before the heavy imports). The client side, :class:`Popen` and
+:func:`run`, mirrors ``subprocess``.
 """
 
 from __future__ import annotations
@@ -85,12 +87,12 @@ class _Job:
             import runpy
 
             sys.argv = ["-m", *self.argv[2:]]
-            sys.path[0] = os.getcwd()
+            sys.path[:] = [os.getcwd(), *_pythonpath(self.env), *_BASE_PATH]
             runpy._run_module_as_main(self.argv[1], alter_argv=True)  # what `python -m` itself calls
         else:
             script = os.path.abspath(self.argv[0])
             sys.argv = list(self.argv)
-            sys.path[0] = os.path.dirname(script)
+            sys.path[:] = [os.path.dirname(script), *_pythonpath(self.env), *_BASE_PATH]
             with io.open_code(script) as f:
                 code = compile(f.read(), script, "exec")
             from importlib.machinery import SourceFileLoader
@@ -98,6 +100,14 @@ class _Job:
             main.__dict__.update(__file__=script, __cached__=None, __package__=None,
                                  __loader__=SourceFileLoader("__main__", script))
             exec(code, main.__dict__)
+
+
+def _pythonpath(env: dict[str, str]) -> list[str]:
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
+# The server's sys.path but its script's folder and its own PYTHONPATH entries: what a job's path ends with.
+_BASE_PATH: list[str] = []
 
 
 def _apply_environment(env: dict[str, str]) -> None:
@@ -189,6 +199,7 @@ def serve(ctl: socket.socket) -> _Job:
 def _serve_main() -> None:
     """``forkserver.py FD [MODULE...]``: serve on the control socket FD after importing the modules (PRELOAD)."""
     ctl = socket.socket(fileno=int(sys.argv[1]))
+    _BASE_PATH[:] = [p for p in sys.path[1:] if p not in _pythonpath(dict(os.environ))]
     for name in sys.argv[2:]:
         __import__(name)
     gc.freeze()

@@ -67,19 +67,23 @@ def test_outputs_are_captured_and_stdin_fed(tmp_path):
 def test_cwd_and_environment_are_the_requests(tmp_path):
     script = _script(tmp_path, """\
         import os, sys, torch
+        import fs_extra  # importable from PYTHONPATH only
         print(os.getcwd(), os.environ.get("FS_SET"), os.environ.get("FS_UNSET"), torch.get_num_threads(), sys.argv,
-              sys.path[0])
+              sys.path[:2])
     """)
-    work = tmp_path / "work"
+    work, extra = tmp_path / "work", tmp_path / "extra"
     work.mkdir()
+    extra.mkdir()
+    (extra / "fs_extra.py").write_text("")
     os.environ["FS_UNSET"] = "from the client"
     try:
         lines = [forkserver.run([sys.executable, str(script), "a b"], cwd=work,
-                                env={"FS_SET": "x", "OMP_NUM_THREADS": n}).stdout for n in ("1", "2")]
+                                env={"FS_SET": "x", "OMP_NUM_THREADS": n, "PYTHONPATH": str(extra)}).stdout
+                 for n in ("1", "2")]
     finally:
         del os.environ["FS_UNSET"]
-    argv = repr([str(script), "a b"])
-    assert lines == [f"{work} x None {n} {argv} {tmp_path}\n" for n in (1, 2)]
+    argv, path = repr([str(script), "a b"]), repr([str(tmp_path), str(extra)])
+    assert lines == [f"{work} x None {n} {argv} {path}\n" for n in (1, 2)]
 
 
 def test_module_runs_as_python_m_does(tmp_path):
