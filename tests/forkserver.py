@@ -87,6 +87,7 @@ class _Job:
             import runpy
 
             sys.argv = ["-m", *self.argv[2:]]
+            sys.modules.pop(self.argv[1], None)  # preloaded as a plain module; `python -m` imports it only as __main__
             sys.path[:] = [os.getcwd(), *_pythonpath(self.env), *_BASE_PATH]
             runpy._run_module_as_main(self.argv[1], alter_argv=True)  # what `python -m` itself calls
         else:

@@ -102,6 +102,14 @@ def test_module_runs_as_python_m_does(tmp_path):
     assert proc.stdout == f"__main__ fspkg.app fspkg.app ['x=1'] True {tmp_path}\nat exit: fspkg.app\n"
 
 
+def test_a_preloaded_module_runs_as_main_without_runpy_s_warning(tmp_path):
+    """The server imported autoft.conventions as a plain module; `python -m` of it must not find it imported."""
+    assert "autoft.conventions" in forkserver.PRELOAD
+    proc = forkserver.run([sys.executable, "-m", "autoft.conventions", "--help"], cwd=tmp_path)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert proc.stdout.startswith("usage: ")
+
+
 def test_non_daemon_thread_is_joined_and_atexit_runs_before_the_exit(tmp_path):
     script = _script(tmp_path, """\
         import atexit, sys, threading, time
