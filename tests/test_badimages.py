@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from autoft.datacheck import main as datacheck
 from autoft.finetune import build, finetune
 from autoft.imagecheck import BadImage, decode, item_path, verify_file
 from autoft.trial import run
+from tests import forkserver
 from tests.test_datasets import (
     FM,
     IW,
@@ -133,9 +133,8 @@ def test_checker_finds_bad_images_of_fmow_and_of_torchvision_folders(tmp_path, c
 def test_checker_command_line_shows_progress_and_no_traceback(tmp_path):
     _write(tmp_path, "iwildcam")
     bad = _truncate(tmp_path / "data" / IW / "train" / "val_1.png", "JPEG")
-    proc = subprocess.run([sys.executable, "-m", "autoft.datacheck", "check", "dataset=iwildcam",
-                           f"dataset.root={tmp_path / 'data'}", "--workers", "2"], capture_output=True, text=True,
-                          timeout=180)
+    proc = forkserver.run([sys.executable, "-m", "autoft.datacheck", "check", "dataset=iwildcam",
+                           f"dataset.root={tmp_path / 'data'}", "--workers", "2"], timeout=180)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
     assert "split val: 100%" in proc.stderr and str(bad) in proc.stdout
 
@@ -147,12 +146,12 @@ def test_a_run_ends_with_one_line_naming_the_bad_file_and_its_split(tmp_path, ca
     _write(tmp_path, "iwildcam")
     bad = _truncate(tmp_path / "data" / IW / "train" / "test_2.png", "JPEG")
     out = tmp_path / "run"
-    proc = subprocess.run(
+    proc = forkserver.run(
         [sys.executable, "-m", "autoft.finetune", "dataset=iwildcam", f"dataset.root={tmp_path / 'data'}",
          "model=tiny_clip", "model.pretrained=null", "~model.pretrain", "trainer.max_steps=1", "dataset.batch_size=8",
          "dataset.eval_batch_size=8", "dataset.num_workers=2", "dataset.ood_val_size=4", "logger=csv",
          f"dataset.cache={str(cache).lower()}", f"hydra.run.dir={out}"],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"AUTOFT_CACHE": str(tmp_path / "cache")})
+        timeout=300, env=os.environ | {"AUTOFT_CACHE": str(tmp_path / "cache")})
     errors = [line for line in proc.stderr.splitlines() if line.strip()]  # Lightning's notices: in the run's log
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith(f"error: bad image {bad} (iwildcam split 'test'): OSError"), errors

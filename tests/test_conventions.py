@@ -27,6 +27,7 @@ from autoft.conventions import (
 from autoft.finetune import CONF_DIR
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import LOSS_TERMS, NORM_TERMS, CompositeObjective
+from tests import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-10
@@ -266,8 +267,8 @@ def test_converter_is_exact_for_the_norm_terms_and_says_what_it_cannot_convert()
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autoft.conventions", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return forkserver.run([sys.executable, "-m", "autoft.conventions", *args], cwd=cwd, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_converter_cli_counts_vit_b16_and_converts_the_published_weights(tmp_path) -> None:
@@ -349,8 +350,8 @@ def test_the_requirements_read_from_the_config_are_the_built_models(model, tmp_p
 def test_reference_convention_on_a_model_that_does_not_train_everything_is_one_error_line(tmp_path) -> None:
     from tests.conftest import overrides
 
-    proc = subprocess.run([sys.executable, "-m", "autoft.finetune", *overrides(), "objective.convention=reference",
-                           "logger=csv"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    proc = forkserver.run([sys.executable, "-m", "autoft.finetune", *overrides(), "objective.convention=reference",
+                           "logger=csv"], cwd=tmp_path, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [

@@ -662,11 +662,12 @@ def test_data_checker_on_wilds_and_bad_input(tmp_path, capsys):
 
 
 def test_data_checker_command_line_has_no_traceback(tmp_path):
-    import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "autoft.datacheck", "check", "dataset=fmow",
-                           f"dataset.root={tmp_path}"], capture_output=True, text=True, timeout=120)
+    from tests import forkserver
+
+    proc = forkserver.run([sys.executable, "-m", "autoft.datacheck", "check", "dataset=fmow",
+                           f"dataset.root={tmp_path}"], timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
     assert "missing" in proc.stdout and "fmow_v1.1 does not exist" in proc.stdout
 

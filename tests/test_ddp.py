@@ -21,6 +21,7 @@ from omegaconf import open_dict
 
 from autoft.finetune import CONF_DIR, TEST_KEYS, VAL_KEYS, build, evaluate
 from autoft.model import interpolate
+from tests import forkserver
 from tests.conftest import overrides
 
 # Odd split sizes: with 2 ranks, Lightning's DistributedSampler pads every one of them with a repeat.
@@ -61,8 +62,10 @@ def _launch(app: str, args: list[str], tmp_path: Path) -> list[str]:
     script, log = tmp_path / "spy.py", tmp_path / "spy.log"
     script.write_text(SPY)
     env = os.environ | {"OMP_NUM_THREADS": "1", "SPY_LOG": str(log), "SPY_APP": app}
-    # its own session: if it hangs, the ranks are killed together, none is left waiting in a collective
-    proc = subprocess.Popen([sys.executable, str(script), *args, *DDP], cwd=tmp_path, env=env, text=True,
+    # its own session: if it hangs, the ranks are killed together, none is left waiting in a collective. Rank 0 is
+    # forked by the fork server (its ~12 s of imports came before rank 1 was even started); Lightning starts rank 1
+    # as a fresh interpreter from rank 0's command line, as in production
+    proc = forkserver.Popen([sys.executable, str(script), *args, *DDP], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)

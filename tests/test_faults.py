@@ -34,6 +34,7 @@ import yaml
 from optuna.trial import TrialState
 
 from hydra_plugins.autoft_optuna_sweeper._study import WORKER_ATTR
+from tests import forkserver
 from tests.conftest import FAKE_APP_HYDRA, overrides, trial_states
 from tests.inprocess import run_module, run_script
 
@@ -107,7 +108,8 @@ def real_cmd(sweep_dir: Path, *extra: str) -> list[str]:
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    """The command in its own process, forked by the worker's fork server (tests/forkserver.py)."""
+    return forkserver.run(cmd, cwd=cwd, env=env(), timeout=timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:
@@ -406,7 +408,7 @@ def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path)
         # the real app: 60 steps a trial (seconds; the 4 of overrides() are over in a blink)
         cmd = real_cmd(sweep_dir, *extra, "trainer.max_steps=60") if real else app_cmd(app, sweep_dir, "sleep=0.25",
                                                                                       *extra)
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = forkserver.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tic = time.perf_counter()
         if real:  # a running trial, the first, second or third, at a random moment of its first second
             nth = rng.randrange(n_trials)

@@ -16,6 +16,7 @@ from omegaconf import open_dict
 from autoft.finetune import CONF_DIR, VAL_KEYS, FineTuner, build, evaluate, finetune
 from autoft.objective import CompositeObjective
 from autoft.trial import run
+from tests import forkserver
 from tests.conftest import overrides
 
 
@@ -162,8 +163,7 @@ def test_norm_gradients_are_compiled_with_the_model_or_on_their_own(tmp_path, mo
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autoft.finetune", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return forkserver.run([sys.executable, "-m", "autoft.finetune", *args], cwd=cwd, timeout=300)
 
 
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):

@@ -4,7 +4,6 @@ and the layerwise search runs end to end with its best per-group values applied 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from autoft.finetune import CONF_DIR, FineTuner
 from autoft.layers import assign, optimizer_groups, prefixes
 from autoft.model import CLIPClassifier, load_clip
 from autoft.objective import NORM_TERMS, CompositeObjective
+from tests import forkserver
 from tests.conftest import overrides
 from tests.inprocess import call_main
 
@@ -121,9 +121,9 @@ def _env() -> dict[str, str]:
 
 
 def test_a_trainable_parameter_in_no_group_is_one_error_line(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "autoft.finetune", *overrides(), "logger=csv",
+    proc = forkserver.run([sys.executable, "-m", "autoft.finetune", *overrides(), "logger=csv",
                            "+optim.groups.embed.lr=1e-4", "model.layer_groups.head=[clip.nothing]"],
-                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
+                          cwd=tmp_path, env=_env(), timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [
         "error: model.layer_groups: trainable parameter 'head.weight' belongs to no layer group (groups: embed, "

@@ -24,6 +24,7 @@ from autoft import methods
 from autoft.finetune import CONF_DIR, build, evaluate
 from autoft.methods import feature_file, fit_linear_probe, logistic_regression, search_overrides
 from autoft.model import CLIPClassifier, load_clip
+from tests import forkserver
 from tests.conftest import TINY_PRETRAIN, TINY_WORLD, overrides
 from tests.inprocess import subprocess_in_process
 from tests.test_datasets import NAMES, WRITERS
@@ -168,7 +169,7 @@ def test_text_head_is_rebuilt_from_the_current_text_tower_on_eval():
 def _paper(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """benchmarks/paper.py as a command: its own process and the processes it starts (the process boundary)."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "paper.py"), "--out", str(tmp_path / "paper"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **(env or {})})
+    return forkserver.run(cmd, cwd=tmp_path, env={**os.environ, **(env or {})})  # forked: tests/forkserver.py
 
 
 @pytest.fixture

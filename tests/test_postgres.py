@@ -28,6 +28,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from tests import forkserver
 from tests.test_faults import app, app_cmd, corrupted, env  # noqa: F401  (app is a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -105,7 +106,7 @@ def _workers(app_dir: Path, sweep_dir: Path, storage: str, study: str, n: int, n
                   f"hydra.sweeper.n_trials={n_trials}", f"marks='{marks}'", f"sleep={sleep}",
                   "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
     logs = sweep_dir.parent
-    return [subprocess.Popen(cmd, cwd=app_dir, env=env(), stdout=open(logs / f"w{i}.out", "w"),  # noqa: SIM115
+    return [forkserver.Popen(cmd, cwd=app_dir, env=env(), stdout=open(logs / f"w{i}.out", "w"),  # noqa: SIM115
                              stderr=subprocess.STDOUT) for i in range(n)]
 
 

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
 from autoft.finetune import CONF_DIR
+from tests import forkserver
 from tests.conftest import overrides, trial_states
 from tests.inprocess import call_main, subprocess_in_process
 
@@ -112,7 +113,7 @@ def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *_overrides(), f"hydra.sweep.dir={sweep}",
            "hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forkserver.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once one trial is done and the next is running
         states = trial_states(sweep / "optuna.db")
@@ -125,7 +126,7 @@ def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
     killed = trial_states(sweep / "optuna.db", exited=True)
     assert killed.count("RUNNING+beat") == 1, killed
     time.sleep(3.5)  # past the grace period: the dead process's RUNNING trial is stale
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = forkserver.run(cmd, cwd=tmp_path, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = _study(sweep)
     assert len(_finished(study)) == 4
@@ -176,8 +177,8 @@ def test_final_training_uses_the_best_params_and_wise_ft_grid(searched, tmp_path
 
 
 def test_final_rejects_a_missing_best_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "autoft.final", "best=/no/such/best_params.yaml"],
-                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
+    proc = forkserver.run([sys.executable, "-m", "autoft.final", "best=/no/such/best_params.yaml"], cwd=tmp_path,
+                          env=_env(), timeout=300)
     assert proc.returncode == 2 and "error: best-params file not found: /no/such/best_params.yaml" in proc.stderr
 
 

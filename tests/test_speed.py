@@ -4,7 +4,6 @@ batches made ahead on a thread, W&B runs written after their trial."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -26,6 +25,7 @@ from autoft.loggers import wait_for_runs
 from autoft.model import CLIPClassifier, load_clip
 from autoft.prefetch import PrefetchLoader, read_ahead
 from autoft.tensorprep import eval_prep, model_input, random_resized_crop
+from tests import forkserver
 from tests.conftest import overrides
 
 NAMES = ["fox", "deer", "great blue heron", "red-tailed hawk"]
@@ -362,9 +362,9 @@ next(batches)  # the thread is preparing the next batch when the process ends, t
 def test_a_process_ends_only_after_its_prefetch_threads_stopped(tmp_path):
     """A daemon thread still inside a torch call at interpreter shutdown aborts the process (the H200 check:
     exit 134 after a finished search); the thread is stopped and joined at exit, its batch finished."""
-    marker = tmp_path / "prepared.txt"
-    done = subprocess.run([sys.executable, "-c", _EXIT_WITH_A_THREAD_MID_BATCH, str(marker)],
-                          capture_output=True, text=True, timeout=120)
+    marker, script = tmp_path / "prepared.txt", tmp_path / "exit_mid_batch.py"
+    script.write_text(_EXIT_WITH_A_THREAD_MID_BATCH)
+    done = forkserver.run([sys.executable, str(script), str(marker)], timeout=120)  # its own process, forked
     assert done.returncode == 0, done.stderr
     # the thread was mid-way through the second batch (a slow exit could let it begin a third); killed, it ends at one
     lines = marker.read_text().splitlines()

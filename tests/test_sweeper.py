@@ -19,6 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.autoft_optuna_sweeper import trial_from_config
+from tests import forkserver
 from tests.conftest import FAKE_APP_HYDRA
 from tests.inprocess import run_script
 
@@ -82,7 +83,7 @@ def sweep_cli(app: Path, sweep_dir: Path, *overrides: str, check: bool = True) -
     """The app's sweep as a command, in its own process: for exit statuses and launchers that start processes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "my_app.py", *_argv(sweep_dir, overrides)]
-    proc = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=120)
+    proc = forkserver.run(cmd, cwd=app, env=env, timeout=120)  # its own process, forked (tests/forkserver.py)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ROOT / "tests" / "sweeper_apps"
 
@@ -21,7 +23,7 @@ APPS = ROOT / "tests" / "sweeper_apps"
 def run_app(script: str, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     cmd = [sys.executable, str(APPS / script), "--multirun", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.run(cmd, cwd=APPS, env=env, capture_output=True, text=True, timeout=300)
+    proc = forkserver.run(cmd, cwd=APPS, env=env, timeout=300)  # its own process, forked (tests/forkserver.py)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
