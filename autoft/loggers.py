@@ -133,6 +133,12 @@ class TrialRun(Logger):
 
 _writer: threading.Thread | None = None  # the last run's writer; each waits for the one before
 _environment_recorded = False
+# A trial's run is written once the next trial is training, not while it sets up: wandb.init and the run's rows
+# are Python work holding the GIL, as is a trial's set-up (Hydra's job, Lightning, the objective), and the two
+# took turns (the first run, which also lists the installed packages, doubled the next trial's overhead); the
+# training steps spend most of their time in torch kernels, without the GIL. wait_for_runs() cuts the wait short.
+WRITE_AFTER_S = 1.0
+_hurry = threading.Event()
 
 
 def write_run(offline: bool, save_dir: str | None, init: dict[str, Any], config: dict[str, Any],
@@ -145,6 +151,7 @@ def write_run(offline: bool, save_dir: str | None, init: dict[str, Any], config:
     def write() -> None:
         if previous is not None:
             previous.join()
+        _hurry.wait(WRITE_AFTER_S)
         try:
             _write(offline, save_dir, init, config, rows, summary, exit_code, environment=first)
         except Exception as e:  # the trial is over and its result recorded: report, do not raise
@@ -158,8 +165,12 @@ def write_run(offline: bool, save_dir: str | None, init: dict[str, Any], config:
 def wait_for_runs() -> None:
     """Return once every W&B run handed over so far has been written and finished. W&B's service closes
     each run's files a moment later (``wandb.teardown()`` waits for that; the process's exit does too)."""
-    if _writer is not None:
-        _writer.join()
+    _hurry.set()
+    try:
+        if _writer is not None:
+            _writer.join()
+    finally:
+        _hurry.clear()
 
 
 def _write(offline: bool, save_dir: str | None, init: dict[str, Any], config: dict[str, Any],

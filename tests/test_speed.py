@@ -412,3 +412,22 @@ def test_each_search_trial_has_its_own_wandb_run_pruned_or_not(tmp_path, monkeyp
         assert b"speed-study" in record and f"trial-{number}".encode() in record and b"optim.lr" in record
         assert b"val_ood/F1-macro_all" in record and b"train/loss" in record
     assert b"finished" in first and b"pruned" in pruned and b"trial-0" not in pruned
+
+
+def test_a_trial_run_is_written_once_the_next_trial_trains_or_when_asked(monkeypatch):
+    """The background writer waits WRITE_AFTER_S before writing a run (the next trial's set-up and the write would
+    take turns on the GIL); wait_for_runs() cuts the wait short, and every run is written in order."""
+    import time
+
+    import autoft.loggers as loggers
+
+    written = []
+    monkeypatch.setattr(loggers, "WRITE_AFTER_S", 20.0)
+    monkeypatch.setattr(loggers, "_write", lambda offline, save_dir, init, *a, **k: written.append(init["name"]))
+    for name in ("trial-0", "trial-1"):
+        loggers.write_run(True, None, {"name": name}, {}, [], {})
+    time.sleep(0.2)
+    assert written == []  # not while the next trial sets up
+    start = time.perf_counter()
+    wait_for_runs()
+    assert written == ["trial-0", "trial-1"] and time.perf_counter() - start < 15
