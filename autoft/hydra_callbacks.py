@@ -32,6 +32,17 @@ class NoticesToRunLog(Callback):
             lib.propagate = True
 
 
+class TrialRunsWritten(Callback):
+    """A search ends once its trials' W&B runs are written: they are written on a background thread, after the next
+    trial's set-up (:data:`autoft.loggers.WRITE_AFTER_S`). A process's exit waits for that thread anyway; a search
+    run inside a longer process (the main job, a methods job, a test) leaves its runs complete as it returns."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        loggers = sys.modules.get("autoft.loggers")  # not imported: no trial run was handed over
+        if loggers is not None:
+            loggers.wait_for_runs()
+
+
 class FreeFailedTrial(Callback):
     """After a failed search trial, free what it still holds before the next trial runs in the same process.
 
