@@ -54,8 +54,8 @@ _scan_entry_points_once()
 
 class OptunaPruning(pl.Callback):
     """Reports the OOD validation metric to the Optuna trial at every validation and stops the run
-    when the study's pruner says so. The trial is reached through the study's storage, so this works
-    whichever Hydra launcher (in-process or other processes) runs the job."""
+    when the study's pruner says so. The trial is the sweeper's own when the job runs in its process, else
+    reached through the study's storage, so this works whichever Hydra launcher runs the job."""
 
     def __init__(self, trial, key: str):
         self.trial, self.key = trial, key

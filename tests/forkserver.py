@@ -216,8 +216,11 @@ class _Server:
         ours, theirs = socket.socketpair()
         self.ctl = ours
         self.lock = threading.Lock()
+        # one OpenMP thread: torch's import starts a pool thread otherwise (when OMP_NUM_THREADS is unset, as outside
+        # pytest-xdist), and the server forks only with one thread; each job sets its own from its environment
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno()), *preload],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
                                      stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
         theirs.close()
 

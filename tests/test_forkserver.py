@@ -191,3 +191,18 @@ def test_a_server_with_a_thread_refuses_to_fork(tmp_path, monkeypatch):
     finally:
         threaded.ctl.close()
         threaded.proc.wait(timeout=30)
+
+
+def test_a_server_started_without_omp_num_threads_still_forks(tmp_path, monkeypatch):
+    """torch's import starts an OpenMP pool thread when OMP_NUM_THREADS is unset (`make test-faults-real` runs
+    without pytest-xdist, which sets it): the server imports with one thread, so it can still fork."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with_torch = forkserver._Server(preload=("torch",))
+    monkeypatch.setattr(forkserver, "_server", with_torch)
+    try:
+        proc = forkserver.run([sys.executable, str(_script(tmp_path, "print('ok')"))])
+    finally:
+        with_torch.ctl.close()
+        with_torch.proc.wait(timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc
