@@ -4,9 +4,10 @@ A drop-in for the released hydra-optuna-sweeper (pinned to optuna<3) on Optuna >
 a persistent study that a re-run finishes instead of restarting, recovery of trials left RUNNING by a dead process,
 several sweeper processes on one study, warm starts, and pruning from inside jobs. Each part lives in the module
 named for it: config.py (keys, defaults, the sampler and pruner groups), _search_space.py, _study.py, _lock.py
-(workers and heartbeats), _outcome.py (a job's result, and the errors that end the command) and _results.py (the
-files written at the end). The leading underscore keeps Hydra's plugin scan from executing a module a second time,
-which would make a second copy of its classes (SweepError among them).
+(workers and heartbeats), _outcome.py (a job's result, and the errors that end the command), _results.py (the
+files written at the end) and _compose.py (trials' job configs, derived from one Hydra composed). The leading
+underscore keeps Hydra's plugin scan from executing a module a second time, which would make a second copy of
+its classes (SweepError among them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from hydra_plugins.autoft_optuna_sweeper._compose import DerivedSweepConfigs
 from hydra_plugins.autoft_optuna_sweeper._lock import StudyLock, heartbeat
 from hydra_plugins.autoft_optuna_sweeper._outcome import ABORT_ATTR, SweepError, failure_rate_error, judge
 from hydra_plugins.autoft_optuna_sweeper._results import best_text, write_atomic, write_results
@@ -85,6 +87,10 @@ class AutoftOptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
+        # the launcher (and the batch check) compose jobs through a loader that derives a trial's config from the
+        # last composed one where only param values differ: _compose.py
+        hydra_context = HydraContext(config_loader=DerivedSweepConfigs(hydra_context.config_loader),
+                                     callbacks=hydra_context.callbacks)
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
