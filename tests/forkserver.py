@@ -28,21 +28,25 @@ entries go after ``sys.path[0]`` as the interpreter puts them, but a module the 
 imported. What cannot be re-applied stays a real subprocess: a PYTHONPATH that changes what an imported module
 is, a setting a library reads when imported (huggingface_hub's HF_HUB_OFFLINE and HF_HOME), and any claim about
 what a command imports (the preflight answering before the heavy imports). The client side, :class:`Popen` and
-:func:`run`, mirrors ``subprocess``.
+:func:`run`, mirrors ``subprocess``. A job whose environment names the server's jobs socket (``JOBS_ENV``) has its
+own requests forked by the same server: so does Lightning's DDP launcher start rank 1 in tests/test_ddp.py.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import io
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -166,19 +170,27 @@ def _waiter(conn: socket.socket, job: _Job) -> _Job | None:
         os._exit(0)
 
 
-def serve(ctl: socket.socket) -> _Job:
-    """Serve requests until the client closes ``ctl`` (then exit); returns only in a job's child."""
+def serve(ctl: socket.socket, listener: socket.socket | None = None) -> _Job:
+    """Serve requests until the client closes ``ctl`` (then exit), and those of its jobs on ``listener`` (one
+    connection a request); returns only in a job's child."""
     while True:
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:  # reap finished waiters
                 pass
         except ChildProcessError:
             pass
-        if not select.select([ctl], [], [], 1.0)[0]:
+        ready = select.select([ctl] + ([listener] if listener is not None else []), [], [], 1.0)[0]
+        if not ready:
             continue
-        received = _receive(ctl)
-        if received is None:
-            sys.exit(0)
+        if ctl in ready:
+            received = _receive(ctl)
+            if received is None:
+                sys.exit(0)
+        else:
+            with listener.accept()[0] as source:
+                received = _receive(source)
+            if received is None:
+                continue
         request, fds = received
         conn = socket.socket(fileno=fds[0])
         job = _Job(fds=fds[1:], **request)
@@ -189,6 +201,8 @@ def serve(ctl: socket.socket) -> _Job:
             sys.stderr.flush()
             if os.fork() == 0:
                 ctl.close()
+                if listener is not None:
+                    listener.close()
                 child = _waiter(conn, job)
                 if child is not None:
                     return child
@@ -198,53 +212,84 @@ def serve(ctl: socket.socket) -> _Job:
 
 
 def _serve_main() -> None:
-    """``forkserver.py FD [MODULE...]``: serve on the control socket FD after importing the modules (PRELOAD)."""
+    """``forkserver.py FD PATH [MODULE...]``: serve on the control socket FD, and jobs' own requests on the Unix socket
+    PATH, after importing the modules (PRELOAD)."""
     ctl = socket.socket(fileno=int(sys.argv[1]))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sys.argv[2])
+    listener.listen()
     _BASE_PATH[:] = [p for p in sys.path[1:] if p not in _pythonpath(dict(os.environ))]
-    for name in sys.argv[2:]:
+    for name in sys.argv[3:]:
         __import__(name)
     gc.freeze()
-    serve(ctl).run()
+    serve(ctl, listener).run()
 
 
 # --- the client ------------------------------------------------------------------------------------------------
 
+def _send(sock: socket.socket, argv: list[str], cwd: str, env: dict[str, str], fds: list[int],
+          start_new_session: bool) -> socket.socket:
+    """Send one request on ``sock``; the returned socket brings the job's pid, then its wait status."""
+    ours, theirs = socket.socketpair()
+    body = json.dumps({"argv": argv, "cwd": cwd, "env": env, "start_new_session": start_new_session}).encode()
+    socket.send_fds(sock, [_HEADER.pack(len(body))], [theirs.fileno(), *fds])
+    sock.sendall(body)
+    theirs.close()
+    return ours
+
+
 class _Server:
-    """The client's end of one fork server: the control socket and the server's process."""
+    """The client's end of one fork server: the control socket and the server's process; its jobs reach it on the
+    Unix socket ``path`` (:class:`_JobsEnd`)."""
 
     def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
         ours, theirs = socket.socketpair()
         self.ctl = ours
         self.lock = threading.Lock()
+        folder = tempfile.mkdtemp(prefix="forkserver-")
+        atexit.register(shutil.rmtree, folder, True)
+        self.path = os.path.join(folder, "jobs.sock")
         # one OpenMP thread: torch's import starts a pool thread otherwise (when OMP_NUM_THREADS is unset, as outside
         # pytest-xdist), and the server forks only with one thread; each job sets its own from its environment
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno()), *preload],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(theirs.fileno()), self.path,
+                                      *preload], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
                                      stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
         theirs.close()
 
     def request(self, argv: list[str], cwd: str, env: dict[str, str], fds: list[int],
                 start_new_session: bool) -> socket.socket:
-        """Send one request; the returned socket brings the job's pid, then its wait status."""
-        ours, theirs = socket.socketpair()
-        body = json.dumps({"argv": argv, "cwd": cwd, "env": env, "start_new_session": start_new_session}).encode()
         with self.lock:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the fork server exited with {self.proc.returncode}")
-            socket.send_fds(self.ctl, [_HEADER.pack(len(body))], [theirs.fileno(), *fds])
-            self.ctl.sendall(body)
-        theirs.close()
-        return ours
+            return _send(self.ctl, argv, cwd, env, fds, start_new_session)
 
 
+class _JobsEnd:
+    """A job's way to the server that forked it (``JOBS_ENV`` in its environment holds the socket's path): so that a
+    job's own subprocess, such as the rank Lightning's DDP launcher starts, is forked too."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def request(self, argv: list[str], cwd: str, env: dict[str, str], fds: list[int],
+                start_new_session: bool) -> socket.socket:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(self.path)
+            return _send(sock, argv, cwd, env, fds, start_new_session)
+
+
+JOBS_ENV = "FORKSERVER_JOBS"
 _server: _Server | None = None
 
 
-def server() -> _Server:
+def server() -> _Server | _JobsEnd:
     """This process's fork server, started on first use (its imports then take the usual ~12 s, once); it exits
-    when this process closes its end of the control socket, at the latest when this process ends."""
+    when this process closes its end of the control socket, at the latest when this process ends. In a job given
+    ``JOBS_ENV``: the server that forked it."""
     global _server
+    if os.environ.get(JOBS_ENV) and _server is None:
+        return _JobsEnd(os.environ[JOBS_ENV])
     if _server is None or _server.proc.poll() is not None:
         _server = _Server()
     return _server

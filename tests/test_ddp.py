@@ -1,12 +1,14 @@
 """Two-process DDP (CPU, gloo) runs: metrics over whole splits, each example once; output files written once.
 
 Lightning's DDP on CPU starts the other rank by re-running the command line, so each run is a real
-subprocess launch. It goes through a small spy script that runs the app's ``main`` and logs every
-process's start and every ``atomic_write`` (rank, file name), so writes by any rank are seen.
+process launch: rank 0 forked by the fork server (tests/forkserver.py), rank 1 by the same server at the request
+of Lightning's own launcher in rank 0. It goes through a small spy script that runs the app's ``main`` and logs
+every process's start and every ``atomic_write`` (rank, file name), so writes by any rank are seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,14 +26,23 @@ from autoft.model import interpolate
 from tests import forkserver
 from tests.conftest import overrides
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Odd split sizes: with 2 ranks, Lightning's DistributedSampler pads every one of them with a repeat.
 ODD = {"dataset.world.n_id_val": "61", "dataset.world.n_id_test": "81", "dataset.world.n_ood_test": "101",
        "dataset.ood_val_size": "39"}
 DDP = ["trainer.accelerator=cpu", "+trainer.strategy=ddp", "trainer.devices=2"]
 SPY = '''
-import importlib, os
+import importlib, os, sys
 import torch
 import autoft.final, autoft.finetune, autoft.trial
+from pytorch_lightning.strategies.launchers import subprocess_script
+
+sys.path.append(os.environ["SPY_ROOT"])
+from tests import forkserver
+
+subprocess_script.subprocess = type(sys)("forked")  # the rank Lightning starts is forked by the fork server too
+subprocess_script.subprocess.Popen = forkserver.Popen
 
 def note(line):
     with open(os.environ["SPY_LOG"], "a") as f:
@@ -44,7 +55,7 @@ def spying(write):
         return write(path, data)
     return spy
 
-note(f"start {os.environ.get('LOCAL_RANK', '0')}")
+note(f"start {os.environ.get('LOCAL_RANK', '0')} {os.getpid()} {os.getppid()}")
 for module in (autoft.final, autoft.finetune, autoft.trial):
     module.atomic_write = spying(module.atomic_write)
 importlib.import_module(os.environ["SPY_APP"]).main()
@@ -61,20 +72,25 @@ def _launch(app: str, args: list[str], tmp_path: Path) -> list[str]:
     """Run ``app``'s main on 2 CPU ranks; returns the spy's log lines (fails the test if the run fails)."""
     script, log = tmp_path / "spy.py", tmp_path / "spy.log"
     script.write_text(SPY)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "SPY_LOG": str(log), "SPY_APP": app}
-    # its own session: if it hangs, the ranks are killed together, none is left waiting in a collective. Rank 0 is
-    # forked by the fork server (its ~12 s of imports came before rank 1 was even started); Lightning starts rank 1
-    # as a fresh interpreter from rank 0's command line, as in production
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SPY_LOG": str(log), "SPY_APP": app, "SPY_ROOT": str(ROOT),
+                        forkserver.JOBS_ENV: forkserver.server().path}
+    # Both ranks are forked by the fork server (a fresh interpreter's ~12 s of imports each, before): rank 0 here,
+    # rank 1 by Lightning's DDP launcher, from rank 0's command line and environment, its Popen the fork server's
     proc = forkserver.Popen([sys.executable, str(script), *args, *DDP], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:  # a hang: kill both ranks, none is left waiting in a collective
+        for line in log.read_text().splitlines():
+            if line.startswith("start"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[2]), signal.SIGKILL)
         out, _ = proc.communicate()
     assert proc.returncode == 0, out[-3000:]
     lines = log.read_text().splitlines()
-    assert sorted(line for line in lines if line.startswith("start")) == ["start 0", "start 1"]
+    starts = {line.split()[1]: line.split()[2:] for line in lines if line.startswith("start")}
+    assert sorted(starts) == ["0", "1"]
+    assert starts["1"][1] != starts["0"][0]  # rank 1 forked by the fork server, not started by rank 0 itself
     return lines
 
 

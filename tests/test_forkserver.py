@@ -206,3 +206,26 @@ def test_a_server_started_without_omp_num_threads_still_forks(tmp_path, monkeypa
         with_torch.ctl.close()
         with_torch.proc.wait(timeout=30)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc
+
+
+def test_a_job_given_the_jobs_socket_has_its_own_subprocess_forked_by_the_server(tmp_path):
+    """As Lightning's DDP launcher starts rank 1 from rank 0 (tests/test_ddp.py): the inner job is forked by this
+    worker's server (its parent is a waiter of that server), not started by the outer job nor by a server of its
+    own, and its exit status reaches the outer job's Popen."""
+    root = Path(__file__).resolve().parents[1]
+    inner = _script(tmp_path, "import os, sys\nwaiter = os.getppid()\n"
+                    "print(waiter, open(f'/proc/{waiter}/stat').read().split()[3], flush=True)\nsys.exit(7)\n",
+                    "inner.py")
+    outer = _script(tmp_path, f"""\
+        import os, subprocess, sys
+        sys.path.insert(0, {str(root)!r})
+        from tests import forkserver
+        proc = forkserver.Popen([sys.executable, {str(inner)!r}], stdout=subprocess.PIPE, text=True)
+        print(os.getpid(), proc.stdout.read().strip(), proc.wait(timeout=60))
+    """, "outer.py")
+    env = {**os.environ, forkserver.JOBS_ENV: forkserver.server().path}
+    proc = forkserver.run([sys.executable, str(outer)], env=env, timeout=120)
+    assert proc.returncode == 0, proc
+    outer_pid, waiter, server_pid, code = proc.stdout.split()
+    assert code == "7" and waiter != outer_pid
+    assert int(server_pid) == forkserver.server().proc.pid
