@@ -36,6 +36,20 @@ def pytest_configure(config) -> None:
             os.environ.setdefault(var, threads)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``long(seconds)`` first, longest first; the rest in their collected order (a stable sort).
+    pytest-xdist hands the work out in collection order (its grouped tests first): a long test collected late would
+    otherwise run alone on one worker at the end while the other had nothing left; longest first, the two workers
+    end together."""
+    items.sort(key=lambda item: -long_seconds(item))
+
+
+def long_seconds(item: pytest.Item) -> float:
+    """A test's ``long`` mark: about how many seconds it takes in make test (0 if unmarked)."""
+    mark = item.get_closest_marker("long")
+    return float(mark.args[0]) if mark is not None else 0.0
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache(tmp_path_factory) -> Path:
     """Every test writes worlds and checkpoints into a throwaway cache, never ~/.cache: one per session, and

@@ -108,6 +108,7 @@ def _split_sizes(data) -> dict[str, int]:
     return sizes
 
 
+@pytest.mark.long(20)
 def test_ddp_final_training_reports_whole_split_metrics_and_writes_once(tmp_path):
     out = tmp_path / "final"
     train = ["trainer.max_steps=-1", "trainer.max_epochs=1", "wise_alphas=[0.5]", "logger=csv"]
@@ -140,6 +141,7 @@ def test_ddp_final_training_reports_whole_split_metrics_and_writes_once(tmp_path
     assert final["wise"][0]["ood"] == pytest.approx(wise[f"test_ood/{metric}"], abs=1e-6)
 
 
+@pytest.mark.long(10)
 def test_ddp_finetune_run_at_zero_lr_reports_the_single_process_metrics_once(tmp_path):
     """At lr 0 the weights stay pretrained, so validation and test must match one process's evaluation.
     The default W&B logger (offline) runs too: its stand-in on rank 1 has no run summary to update."""

@@ -392,6 +392,7 @@ def _running_launched(db: Path) -> int:
             (WORKER_ATTR,)).fetchone()[0]
 
 
+@pytest.mark.long(36)
 def test_kill_9_at_random_moments_then_resume_to_exactly_n_trials(app, tmp_path):
     """5 rounds: start a search, kill -9 it at a random moment (seeded) once it runs trials (in a job, between
     jobs, while it writes), run the same command again: the study ends with exactly n_trials finished, nothing

@@ -38,6 +38,7 @@ def test_the_reference_was_measured_on_this_configuration(reference):
     assert reference["overrides"] == lr.OVERRIDES and [r["seed"] for r in reference["per_seed"]] == [0, 1, 2]
 
 
+@pytest.mark.long(22)
 def test_fine_tuning_beats_zero_shot_on_id(seed0, reference):
     gain = lr.effects(seed0)["ft_minus_zs_id"]
     # Seeds 0-2 measured FT - zero-shot on ID test (macro-F1) of +0.0837..+0.0844 (the JSON's effects.ft_minus_zs_id,

@@ -204,6 +204,7 @@ TINY_SUITE = [
     'method.search_overrides=["search.eval_every=3"]', "logger=csv"]
 
 
+@pytest.mark.long(82)
 def test_wilds_table_on_the_embedded_world_every_method_two_seeds(tmp_path, tiny_world, paper_here):
     # two seeds (the command's default is three): mean and std over seeds are asserted all the same
     assert paper_here("wilds", *TINY_SUITE, "--seeds", "0", "1") == 0

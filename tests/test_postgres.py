@@ -131,6 +131,7 @@ def _census(study: optuna.Study, marks: Path, n_trials: int) -> dict:
     }
 
 
+@pytest.mark.long(14)
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_four_workers_share_one_study(request, app, tmp_path, backend):  # noqa: F811
     storage = request.getfixturevalue("postgres") if backend == "postgresql" else f"sqlite:///{tmp_path}/optuna.db"
@@ -155,6 +156,7 @@ def test_four_workers_share_one_study(request, app, tmp_path, backend):  # noqa:
     assert best["best_value"] == study.best_value and not corrupted(tmp_path / "sweep")
 
 
+@pytest.mark.long(14)
 def test_killed_worker_trial_is_rerun_by_the_others(postgres, app, tmp_path):  # noqa: F811
     """kill -9 one of 3 workers while it runs a trial: a surviving worker re-runs that trial once its heartbeat is
     stale, and the study still ends with exactly n_trials finished."""

@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import long_seconds
+
 
 @pytest.mark.xdist_group("scheduling-check")
 def test_a_grouped_test_carries_its_group_to_the_scheduler(request):
     if not getattr(request.config.option, "loadgroup", False):
         pytest.skip("not under pytest-xdist --dist loadgroup (make test)")
     assert request.node.nodeid.endswith("@scheduling-check"), request.node.nodeid
+
+
+def test_long_tests_are_collected_first_longest_first(request):
+    seconds = [long_seconds(item) for item in request.session.items]
+    assert seconds == sorted(seconds, reverse=True)

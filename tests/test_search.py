@@ -109,6 +109,7 @@ def test_pruning_stops_trials_early(tmp_path):
         assert t.user_attrs["inner_steps"] == max(t.intermediate_values) < 6, (t.number, t.intermediate_values)
 
 
+@pytest.mark.long(16)
 def test_killed_search_resumes_to_exactly_n_trials(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "autoft.finetune", "-m", *TINY_SEARCH, *_overrides(), f"hydra.sweep.dir={sweep}",
