@@ -166,10 +166,27 @@ def test_text_head_is_rebuilt_from_the_current_text_tower_on_eval():
 
 # ----------------------------------------------------------------------------------- paper.py suite
 
+# benchmarks/paper.py as `python benchmarks/paper.py ARGS` runs it, but the `python -m autoft.methods` command it
+# starts is forked by the fork server too (a fresh interpreter: ~11 s of imports), with paper.py's fds
+PAPER_FORKED = """
+import subprocess, sys
+sys.path.insert(0, sys.argv.pop(1))
+from benchmarks import paper
+from tests import forkserver
+
+paper.subprocess = type(sys)("forked")
+paper.subprocess.run = lambda cmd: subprocess.CompletedProcess(cmd, forkserver.Popen(cmd).wait())
+sys.exit(paper.main())
+"""
+
+
 def _paper(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """benchmarks/paper.py as a command: its own process and the processes it starts (the process boundary)."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "paper.py"), "--out", str(tmp_path / "paper"), *args]
-    return forkserver.run(cmd, cwd=tmp_path, env={**os.environ, **(env or {})})  # forked: tests/forkserver.py
+    script = tmp_path / "paper_forked.py"
+    script.write_text(PAPER_FORKED)
+    cmd = [sys.executable, str(script), str(ROOT), "--out", str(tmp_path / "paper"), *args]
+    env = {**os.environ, **(env or {}), forkserver.JOBS_ENV: forkserver.server().path}
+    return forkserver.run(cmd, cwd=tmp_path, env=env)  # forked: tests/forkserver.py
 
 
 @pytest.fixture
