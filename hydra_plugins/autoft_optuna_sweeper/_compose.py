@@ -48,7 +48,7 @@ class DerivedSweepConfigs:
 
     def __init__(self, loader: Any) -> None:
         self._loader = loader
-        self._kept: tuple[int, list[Override], DictConfig] | None = None  # (master id, its overrides, config)
+        self._kept: tuple[DictConfig, list[Override], DictConfig] | None = None  # (master, job's overrides, config)
         self._parser = OverridesParser.create()
 
     def __getattr__(self, name: str) -> Any:
@@ -76,11 +76,11 @@ class DerivedSweepConfigs:
         """Keep a copy of a config Hydra composed, if its override lists are as Hydra builds them from ``parsed``."""
         lists = OmegaConf.to_container(config.hydra.overrides, resolve=False)  # "k=${x}" is an interpolation there
         ours = lists["task"] == _lines(parsed, False) and lists["hydra"] == _lines(parsed, True)
-        self._kept = (id(master_config), parsed, copy.deepcopy(config)) if ours else None
+        self._kept = (master_config, parsed, copy.deepcopy(config)) if ours else None
 
     def _derive(self, master_config: DictConfig, parsed: list[Override]) -> DictConfig | None:
         """The kept config with ``parsed``'s differing values applied, or None where Hydra must compose."""
-        if self._kept is None or self._kept[0] != id(master_config) or len(self._kept[1]) != len(parsed):
+        if self._kept is None or self._kept[0] is not master_config or len(self._kept[1]) != len(parsed):
             return None
         _, kept_parsed, kept = self._kept
         choices = kept.hydra.runtime.choices
