@@ -8,10 +8,10 @@ values of its params (and the trial number and id the sweeper adds), never in wh
 So the launcher gets a config loader that keeps the first job it composes (a pristine copy) and answers a later job
 whose overrides differ from that one's only in the values of plain ``key=value`` or ``++key=value`` overrides of
 config keys (no config group, no ``+``, no ``~``, no package, a scalar on both sides, no later override on the
-same node, as Hydra applies them in order) with a copy of the kept config,
-those overrides applied by Hydra's own code (``ConfigLoaderImpl._apply_overrides_to_config``), and the fields Hydra
-derives from the overrides set as it sets them (``hydra.overrides``, ``hydra.job.override_dirname``, and
-``env_set``/``runtime.cwd``, read again). Any other job is composed by Hydra as before, and becomes the kept one.
+same node, as Hydra applies them in order) with a copy of the kept config: those overrides applied by Hydra's own
+code (``ConfigLoaderImpl._apply_overrides_to_config``), and the fields Hydra derives from the overrides set as it
+sets them (``hydra.overrides``, ``hydra.job.override_dirname``, and ``env_set``/``runtime.cwd``, read again). Any
+other job is composed by Hydra as before, and becomes the kept one.
 
 Where we differ from Hydra: the mechanism only. A scalar set on a config key gives the same node whatever scalar was
 there before, and a value override cannot change the defaults list (Hydra interpolates only group choices there), so
