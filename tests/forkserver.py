@@ -187,8 +187,11 @@ def serve(ctl: socket.socket, listener: socket.socket | None = None) -> _Job:
             if received is None:
                 sys.exit(0)
         else:
-            with listener.accept()[0] as source:
-                received = _receive(source)
+            try:  # a job's request: a job that dies while it sends one must not end the server
+                with listener.accept()[0] as source:
+                    received = _receive(source)
+            except (EOFError, OSError):
+                continue
             if received is None:
                 continue
         request, fds = received
