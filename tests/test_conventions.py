@@ -120,6 +120,7 @@ def _shift(model: Small) -> dict[str, torch.Tensor]:
 PATHS = [(t, p) for t in LOSS_TERMS for p in (("autograd", "closed", "compiled") if t in NORM_TERMS else ("autograd",))]
 
 
+@pytest.mark.xdist_group("compiled")  # torch.compile's first compile in a process (about 12 s cold): on one worker
 @pytest.mark.parametrize("convention", ["ours", "reference"])
 @pytest.mark.parametrize(("term", "path"), PATHS)
 def test_each_term_value_and_gradient_match_the_independent_formulas(term: str, convention: str, path: str) -> None:

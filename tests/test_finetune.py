@@ -140,6 +140,7 @@ def test_non_finite_loss_stops_before_its_optimizer_step(tmp_path):
     assert torch.equal(model.head.weight, heads[2])
 
 
+@pytest.mark.xdist_group("compiled")  # torch.compile's first compile in a process (about 12 s cold): on one worker
 def test_norm_gradients_are_compiled_with_the_model_or_on_their_own(tmp_path, monkeypatch):
     import autoft.finetune as ft
 

@@ -393,6 +393,7 @@ def test_reset_theta0_is_noop_without_init_terms() -> None:
         {"hinge": 0.5, "l1init": 2.0},
     ],
 )
+@pytest.mark.xdist_group("compiled")  # torch.compile's first compile in a process (about 12 s cold): on one worker
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_closed_form_norm_grads_match_autograd(weights: dict[str, float], compiled: bool) -> None:
     """k AdamW steps with the norm terms' gradients added in closed form land where autograd's do, eager
@@ -506,6 +507,7 @@ def test_closed_form_norm_grads_on_cuda_match_autograd_under_bf16_autocast(compi
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.xdist_group("compiled")
 @pytest.mark.parametrize("path", ["cpu_blocks", "foreach", "compiled"])
 def test_closed_form_l2init_keeps_small_moves_precise_in_float32(path: str) -> None:
     """Fine-tuning moves weights of size ~1 by far less: the l2init gradient 2 w (p - p0) must come from the
