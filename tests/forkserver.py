@@ -464,5 +464,17 @@ def run(args: list[str], *, cwd: str | os.PathLike | None = None, env: dict[str,
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
+
+def as_subprocess_module() -> types.ModuleType:
+    """A stand-in for the ``subprocess`` module of code a job runs (its ``JOBS_ENV`` set), so that the commands
+    that code starts are forked too: ``Popen`` is this module's, and ``run(cmd)`` (no options: the command inherits
+    the caller's fds, as ``subprocess.run(cmd)`` does) waits for it. Lightning's DDP launcher (tests/test_ddp.py)
+    and benchmarks/paper.py (tests/test_methods.py) get it in place of theirs."""
+    module = types.ModuleType("forked_subprocess")
+    module.Popen = Popen
+    module.run = lambda cmd: subprocess.CompletedProcess(cmd, Popen(cmd).wait())
+    return module
+
+
 if __name__ == "__main__":
     _serve_main()

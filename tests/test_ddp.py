@@ -41,8 +41,7 @@ from pytorch_lightning.strategies.launchers import subprocess_script
 sys.path.append(os.environ["SPY_ROOT"])
 from tests import forkserver
 
-subprocess_script.subprocess = type(sys)("forked")  # the rank Lightning starts is forked by the fork server too
-subprocess_script.subprocess.Popen = forkserver.Popen
+subprocess_script.subprocess = forkserver.as_subprocess_module()  # the rank Lightning starts is forked too
 
 def note(line):
     with open(os.environ["SPY_LOG"], "a") as f:

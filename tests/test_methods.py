@@ -169,13 +169,12 @@ def test_text_head_is_rebuilt_from_the_current_text_tower_on_eval():
 # benchmarks/paper.py as `python benchmarks/paper.py ARGS` runs it, but the `python -m autoft.methods` command it
 # starts is forked by the fork server too (a fresh interpreter: ~11 s of imports), with paper.py's fds
 PAPER_FORKED = """
-import subprocess, sys
+import sys
 sys.path.insert(0, sys.argv.pop(1))
 from benchmarks import paper
 from tests import forkserver
 
-paper.subprocess = type(sys)("forked")
-paper.subprocess.run = lambda cmd: subprocess.CompletedProcess(cmd, forkserver.Popen(cmd).wait())
+paper.subprocess = forkserver.as_subprocess_module()
 sys.exit(paper.main())
 """
 
