@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell { cat setup.cfg pyproject.toml; ls autoft/*.py autoft/model_configs/*.json autoft/data_files/*.json \
 	hydra_plugins/autoft_optuna_sweeper/*.py; } | md5sum | cut -c1-12)
 
-.PHONY: install run table test test-faults-real lint clean-cache
+.PHONY: install run table test test-slow test-faults-real lint clean-cache
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ table: $(STAMP)
 # (and so a module fixture); the 15 slowest tests are printed at the end.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "not slow" tests
+
+# Tests marked slow (tests/test_learning.py: the full embedded world's learning effects, with its full pretraining):
+# minutes, so outside make test; .ci/run runs them too.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --durations=5 -m slow tests
 
 # The kill -9 rounds on the real fine-tuning app (tests/test_faults.py; make test runs them on a fake task): a few
 # minutes, so outside make test; .ci/run runs both.

@@ -70,6 +70,13 @@ def measure(seed: int, out: Path) -> dict:
             "seconds_build": round(built - t0, 1), "seconds_rest": round(time.perf_counter() - built, 1)}
 
 
+def from_method_record(record: dict) -> dict:
+    """A methods job's ``method.json`` (a trained method's WiSE-FT curve, alpha 0 being the zero-shot model) as a
+    :func:`measure` row: the effects of the embedded world's own runs (paper.py wilds) in the same terms."""
+    wise = {w["alpha"]: {"test_id": w["id"], "test_ood": w["ood"]} for w in record["wise"]}
+    return {"seed": record["seed"], "zero_shot": wise[0.0], "ft": wise[1.0], "wise_0.5": wise[0.5]}
+
+
 def effects(row: dict) -> dict[str, float]:
     """The three claims as differences (positive: the claim holds)."""
     zs, ft, wise = row["zero_shot"], row["ft"], row["wise_0.5"]
