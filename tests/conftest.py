@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import hydra_cache
+
+hydra_cache.install()  # Hydra parses each config file once per process (tests/hydra_cache.py)
+
 TINY_WORLD = {"n_train": 240, "n_id_val": 60, "n_id_test": 80, "n_ood_val": 80, "n_ood_test": 100}
 TINY_PRETRAIN = {"n_web": 256, "steps": 3, "batch_size": 32}
 # The hydra block of the sweeper tests' fake apps: the sweeper keys conf/search/autoft.yaml sets, over a 2-d space.

@@ -54,9 +54,13 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 # What the apps launched by the tests import; each is imported once by the server, never run there.
+# Optuna's storage imports alembic, its table models and SQLAlchemy's dialects only when a storage is opened, and W&B
+# its launch inputs when a run starts: imported here, not again in every job that opens a study or starts a run.
 PRELOAD = ("torch", "torchvision", "pytorch_lightning", "open_clip", "hydra", "optuna", "sqlalchemy", "wandb",
            "wilds", "autoft.finetune", "autoft.final", "autoft.datacheck", "autoft.conventions", "autoft.methods",
-           "autoft.pipeline", "autoft.trial")
+           "autoft.pipeline", "autoft.trial", "alembic.command", "alembic.config", "alembic.migration",
+           "alembic.script", "optuna.storages._rdb.models", "sqlalchemy.dialects.sqlite",
+           "sqlalchemy.dialects.postgresql", "wandb.sdk.launch.inputs.internal")
 _HEADER = struct.Struct("!I")
 
 
@@ -224,6 +228,10 @@ def _serve_main() -> None:
     _BASE_PATH[:] = [p for p in sys.path[1:] if p not in _pythonpath(dict(os.environ))]
     for name in sys.argv[3:]:
         __import__(name)
+    if "hydra" in sys.modules:  # jobs compose their configs as the tests' own process does
+        import hydra_cache  # tests/hydra_cache.py (this file's folder is sys.path[0])
+
+        hydra_cache.install()
     gc.freeze()
     serve(ctl, listener).run()
 
