@@ -472,7 +472,6 @@ def run(args: list[str], *, cwd: str | os.PathLike | None = None, env: dict[str,
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-
 def as_subprocess_module() -> types.ModuleType:
     """A stand-in for the ``subprocess`` module of code a job runs (its ``JOBS_ENV`` set), so that the commands
     that code starts are forked too: ``Popen`` is this module's, and ``run(cmd)`` (no options: the command inherits

@@ -40,15 +40,15 @@ class _ParseOnce(OmegaConf):
         text = file_.read()
         if isinstance(text, bytes):  # a config inside a zip file
             text = text.decode("utf-8")
-        if text not in _PARSED:
-            try:
+        try:
+            if text not in _PARSED:
                 _PARSED[text] = yaml.load(text, Loader=get_yaml_loader())
-            except yaml.YAMLError:
-                _PARSED[text] = None, "unparsed"
-        obj = _PARSED[text]
+            obj = _PARSED[text]
+        except yaml.YAMLError:
+            obj = text  # bad YAML: OmegaConf's own error below, naming the file
         if obj is not None and not isinstance(obj, (list, dict)):  # bad YAML, or a bare string or number:
             file_.seek(0)
-            return OmegaConf.load(file_)  # OmegaConf's own answer, its error naming the file
+            return OmegaConf.load(file_)  # OmegaConf's own answer
         return OmegaConf.create() if obj is None else OmegaConf.create(copy.deepcopy(obj))
 
 
