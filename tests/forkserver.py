@@ -15,17 +15,17 @@ both ends of a fork server:
   stdin/stdout/stderr (passed as fds over a Unix socket), ``sys.argv``, ``sys.path[0]`` and a fresh ``__main__``
   (``-m`` through runpy's ``_run_module_as_main``, what ``python -m`` calls, so ``__spec__`` is the module's and
   Lightning's DDP launcher rebuilds the same command; a script executed in ``__main__`` as ``python SCRIPT``
-  does). It then ends through the interpreter's own shutdown: non-daemon threads joined, atexit hooks run, stdio
-  flushed, SystemExit's code mapped and an uncaught exception's traceback printed (exit 1) by Python itself.
+  does). It then ends as the interpreter's shutdown ends it (:func:`_finish`): SystemExit's code mapped or an
+  uncaught exception's traceback printed (exit 1), non-daemon threads joined, atexit hooks run, stdio flushed; but
+  the preloaded modules are not torn down.
 
 What a fresh interpreter reads at start-up the server read once: so the job re-applies what the tests vary
 (torch's thread count from OMP_NUM_THREADS, stdout's buffering from PYTHONUNBUFFERED and its fd) and reseeds
 numpy's global generator, which a fork would otherwise hand every job in the same state (``random`` reseeds
 itself in a forked child). The imported objects are frozen out of the cyclic GC (``gc.freeze``, as Python's docs
-advise before forking workers): a child's shutdown then neither walks them (most of a fresh interpreter's exit
-time with these imports) nor copies every page the collector would touch. PYTHONPATH's
-entries go after ``sys.path[0]`` as the interpreter puts them, but a module the server imported stays the one it
-imported. What cannot be re-applied stays a real subprocess: a PYTHONPATH that changes what an imported module
+advise before forking workers): a child's collections then neither walk them nor copy every page the collector
+would touch. PYTHONPATH's entries go after ``sys.path[0]`` as the interpreter puts them, but a module the server
+imported stays the one it imported. What cannot be re-applied stays a real subprocess: a PYTHONPATH that changes what an imported module
 is, a setting a library reads when imported (huggingface_hub's HF_HUB_OFFLINE and HF_HOME), and any claim about
 what a command imports (the preflight answering before the heavy imports). The client side, :class:`Popen` and
 :func:`run`, mirrors ``subprocess``. A job whose environment names the server's jobs socket (``JOBS_ENV``) has its
@@ -51,7 +51,7 @@ import threading
 import time
 import types
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 # What the apps launched by the tests import; each is imported once by the server, never run there.
 # Optuna's storage imports alembic, its table models and SQLAlchemy's dialects only when a storage is opened, and W&B
@@ -78,7 +78,7 @@ class _Job:
 
     def run(self) -> None:
         """Become the process ``python ARGV`` would be, then run it in a fresh ``__main__``; returns (or raises)
-        as that run does, for the interpreter's own shutdown to end the process."""
+        as that run does, for :func:`_finish` to end the process."""
         if self.start_new_session:
             os.setsid()
         for target, fd in enumerate(self.fds):
@@ -233,7 +233,41 @@ def _serve_main() -> None:
 
         hydra_cache.install()
     gc.freeze()
-    serve(ctl, listener).run()
+    _finish(serve(ctl, listener))
+
+
+def _finish(job: _Job) -> NoReturn:
+    """Run ``job`` in this child, then end it as the interpreter's shutdown does, without the module teardown.
+
+    What a process shows of its shutdown is kept, in the interpreter's order: an uncaught exception's traceback
+    (``sys.excepthook``, exit 1) or SystemExit's code mapped, non-daemon threads joined, atexit hooks run, stdio
+    flushed. Then ``os._exit``: tearing down the server's preloaded modules, object by object, took about 0.5 s a
+    job (each page it touched copied from the server: benchmarks/forkserver_exit_time.py). A job that relied on the
+    teardown, say to flush a file object it never closed, loses that write here: a test then fails, it cannot pass
+    where a real run would fail.
+    """
+    code = 0
+    try:
+        job.run()
+    except KeyboardInterrupt:  # the interpreter ends by the signal itself: left to it
+        raise
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: the interpreter ignores it too
+            pass
+    os._exit(code)
 
 
 # --- the client ------------------------------------------------------------------------------------------------

@@ -125,6 +125,13 @@ def test_non_daemon_thread_is_joined_and_atexit_runs_before_the_exit(tmp_path):
     assert (proc.returncode, proc.stdout.split()) == (3, ["main", "thread", "atexit"]), proc
 
 
+def test_what_is_left_in_stdout_and_stderr_buffers_is_flushed_at_the_exit(tmp_path):
+    script = _script(tmp_path, "import sys\nsys.stdout.write('out')\nsys.stderr.write('err')\nsys.exit(4)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as a pipe's is
+    proc = forkserver.run([sys.executable, str(script)], env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (4, "out", "err"), proc
+
+
 def test_concurrent_children_report_their_own_status(tmp_path):
     script = _script(tmp_path, "import sys, time\ntime.sleep(float(sys.argv[1]))\nsys.exit(int(sys.argv[2]))\n")
     start = time.monotonic()
