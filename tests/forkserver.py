@@ -19,17 +19,17 @@ both ends of a fork server:
   uncaught exception's traceback printed (exit 1), non-daemon threads joined, atexit hooks run, stdio flushed; but
   the preloaded modules are not torn down.
 
-What a fresh interpreter reads at start-up the server read once: so the job re-applies what the tests vary
-(torch's thread count from OMP_NUM_THREADS, stdout's buffering from PYTHONUNBUFFERED and its fd) and reseeds
-numpy's global generator, which a fork would otherwise hand every job in the same state (``random`` reseeds
-itself in a forked child). The imported objects are frozen out of the cyclic GC (``gc.freeze``, as Python's docs
-advise before forking workers): a child's collections then neither walk them nor copy every page the collector
-would touch. PYTHONPATH's entries go after ``sys.path[0]`` as the interpreter puts them, but a module the server
-imported stays the one it imported. What cannot be re-applied stays a real subprocess: a PYTHONPATH that changes what an imported module
-is, a setting a library reads when imported (huggingface_hub's HF_HUB_OFFLINE and HF_HOME), and any claim about
-what a command imports (the preflight answering before the heavy imports). The client side, :class:`Popen` and
-:func:`run`, mirrors ``subprocess``. A job whose environment names the server's jobs socket (``JOBS_ENV``) has its
-own requests forked by the same server: so does Lightning's DDP launcher start rank 1 in tests/test_ddp.py.
+What a fresh interpreter reads at start-up the server read once: so the job re-applies what the tests vary (torch's
+thread count from OMP_NUM_THREADS, stdout's buffering from PYTHONUNBUFFERED and its fd) and reseeds numpy's global
+generator, which a fork would otherwise hand every job in the same state (``random`` reseeds itself in a forked
+child). The imported objects are frozen out of the cyclic GC (``gc.freeze``, as Python's docs advise before forking
+workers): a child's collections then neither walk them nor copy every page the collector would touch. PYTHONPATH's
+entries go after ``sys.path[0]`` as the interpreter puts them, but a module the server imported stays the one it
+imported. What cannot be re-applied stays a real subprocess: a PYTHONPATH that changes what an imported module is, a
+setting a library reads when imported (huggingface_hub's HF_HUB_OFFLINE and HF_HOME), and any claim about what a
+command imports (the preflight answering before the heavy imports). The client side, :class:`Popen` and :func:`run`,
+mirrors ``subprocess``. A job whose environment names the server's jobs socket (``JOBS_ENV``) has its own requests
+forked by the same server: so does Lightning's DDP launcher start rank 1 in tests/test_ddp.py.
 """
 
 from __future__ import annotations
