@@ -180,6 +180,23 @@ def test_trial_left_running_by_a_dead_process_is_failed_and_retried(app, tmp_pat
     assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 3
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage")
+def test_trial_asked_by_a_sweeper_killed_before_it_named_itself_is_failed_at_once(app, tmp_path):
+    """Under the study's lock nobody else can be between its ask and its name: such a trial is an orphan, failed
+    at the first look even though its heartbeat is fresh, and a resumed search quicker than the grace period ends
+    with nothing RUNNING."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=60)
+    study = optuna.create_study(storage=storage, study_name="autoft", direction="maximize")
+    dead = study.ask({"x": FloatDistribution(-5.0, 5.0), "y": FloatDistribution(-5.0, 5.0)})
+    storage.record_heartbeat(dead._trial_id)  # its sweeper beat, then died before naming itself the trial's worker
+    sweep(app, tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.heartbeat_interval=1",
+          "hydra.sweeper.grace_period=60")
+    trials = load(tmp_path).trials
+    assert trials[0].state == TrialState.FAIL and "orphaned" in trials[0].user_attrs
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2  # not run again: it never ran
+    assert not any("failed_trial" in t.system_attrs for t in trials)
+
+
 def test_jobs_prune_through_the_storage(app, tmp_path):
     pruner = ["hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2"]
     sweep(app, tmp_path, "mode=prune", "hydra.sweeper.n_trials=6", *pruner)

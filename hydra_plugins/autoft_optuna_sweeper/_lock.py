@@ -52,6 +52,11 @@ class StudyLock:
             fcntl.flock(self._file, fcntl.LOCK_EX)
         return self
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether holding this lock excludes every other sweeper process of the study (PostgreSQL, SQLite file)."""
+        return self.backend == "postgresql" or self.path is not None
+
     def __exit__(self, *exc: object) -> None:
         if self._conn is not None:
             self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})

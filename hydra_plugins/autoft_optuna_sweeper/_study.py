@@ -130,9 +130,10 @@ def warm_start_params(ws: WarmStartConf, space: SearchSpace) -> list[dict[str, A
 
 
 def fail_orphans(study: optuna.Study, storage: optuna.storages.RDBStorage, grace: int) -> None:
-    """Fail RUNNING trials that no sweeper owns: asked by a process killed before it beat for them (it asks,
+    """Fail RUNNING trials that no sweeper owns: asked by a process killed before it named itself (it asks,
     beats and names itself under the lock, so another process sees such a trial only if its asker died).
-    Heartbeat staleness never finds them. They never ran: FAIL, not counted, nothing to retry."""
+    They never ran: FAIL, not counted, nothing to retry. Call it under the lock with ``grace`` 0; without a lock
+    (a backend that has none) another sweeper may be between its ask and its name for up to ``grace`` seconds."""
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = t.datetime_start or now

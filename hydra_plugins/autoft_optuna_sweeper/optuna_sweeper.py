@@ -226,7 +226,9 @@ class AutoftOptunaSweeper(Sweeper):
         while not self._exhausted:
             with self._lock, quiet():
                 optuna.storages.fail_stale_trials(study)
-                fail_orphans(study, self._rdb, self._grace)
+                # at once where the lock excludes the others: else a resumed search that finishes within the grace
+                # period would end with its dead predecessor's unnamed trial RUNNING for ever
+                fail_orphans(study, self._rdb, 0 if self._lock.exclusive else self._grace)
                 trials = study.get_trials(deepcopy=False)
                 done = n_counted(trials)
                 if done >= self.n_trials:
